@@ -1,0 +1,335 @@
+//! Thin handlers: extract and validate, call the engine, map the outcome.
+
+use crate::error::ApiError;
+use crate::live;
+use crate::request::{self, header_str, LiveMode, Target};
+use crate::state::{AppState, StreamEvent};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use durable_streams_protocol::{etag, headers as h, json, parse, Offset, OffsetParam};
+use durable_streams_storage::{
+    AppendOutcome, AppendRequest, CreateOutcome, CreateRequest, Expiry, ForkSpec, ReadChunk,
+    ReadFrom, StreamMeta,
+};
+use std::sync::Arc;
+
+/// Cache policy of a catch-up response that carries data (PROTOCOL.md 10.1).
+pub const CACHE_PUBLIC: &str = "public, max-age=60, stale-while-revalidate=300";
+
+/// Dispatches a request under the stream prefix.
+pub async fn dispatch(state: Arc<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let target = match request::resolve_path(&state.config.path_prefix, uri.path()) {
+        None => return ApiError::NotFound.into_response(),
+        Some(Err(e)) => return e.into_response(),
+        Some(Ok(t)) => t,
+    };
+    let path = match target {
+        // Reserved for the subscription API (PROTOCOL.md 6): routed before
+        // streams so no application stream can claim it.
+        Target::Reserved => return ApiError::ReservedNotImplemented.into_response(),
+        Target::Stream(p) => p,
+    };
+    let result = match method {
+        Method::PUT => create(&state, &path, &uri, &headers, body).await,
+        Method::POST => append(&state, &path, &headers, body).await,
+        Method::GET => read(&state, &path, &uri, &headers).await,
+        Method::HEAD => head(&state, &path).await,
+        Method::DELETE => delete(&state, &path).await,
+        _ => Err(ApiError::MethodNotAllowed),
+    };
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+fn set(resp: &mut Response, name: &'static str, value: impl ToString) {
+    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+        resp.headers_mut().insert(name, v);
+    }
+}
+
+fn set_offset(resp: &mut Response, o: Offset) {
+    set(resp, h::STREAM_NEXT_OFFSET, o);
+}
+
+fn set_closed(resp: &mut Response, closed: bool) {
+    if closed {
+        resp.headers_mut().insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+    }
+}
+
+fn set_expiry(resp: &mut Response, meta: &StreamMeta) {
+    match &meta.expiry {
+        Expiry::Never => {}
+        Expiry::TtlSecs(s) => set(resp, h::STREAM_TTL, s),
+        Expiry::At(t) => set(resp, h::STREAM_EXPIRES_AT, parse::format_expires_at(t)),
+    }
+}
+
+fn empty(status: StatusCode) -> Response {
+    (status, Body::empty()).into_response()
+}
+
+async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let content_type = header_str(headers, "content-type")?.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let ttl = header_str(headers, h::STREAM_TTL)?;
+    let expires = header_str(headers, h::STREAM_EXPIRES_AT)?;
+    let expiry = match (ttl, expires) {
+        (Some(_), Some(_)) => return Err(durable_streams_protocol::ProtocolError::TtlAndExpiresAt.into()),
+        (Some(t), None) => Expiry::TtlSecs(parse::parse_ttl_secs(t)?),
+        (None, Some(e)) => Expiry::At(parse::parse_expires_at(e)?),
+        (None, None) => Expiry::Never,
+    };
+    let closed = parse::is_closed_flag(headers.get(h::STREAM_CLOSED).map(|v| v.as_bytes()));
+    let forked_from = header_str(headers, h::STREAM_FORKED_FROM)?;
+    let fork_offset = header_str(headers, h::STREAM_FORK_OFFSET)?;
+    let sub_offset = header_str(headers, h::STREAM_FORK_SUB_OFFSET)?;
+    let fork = match forked_from {
+        None => {
+            if fork_offset.is_some() || sub_offset.is_some() {
+                return Err(ApiError::bad_request(
+                    "Stream-Fork-Offset and Stream-Fork-Sub-Offset require Stream-Forked-From",
+                ));
+            }
+            None
+        }
+        Some(src) => Some(ForkSpec {
+            source: request::resolve_fork_source(&state.config.path_prefix, src)?,
+            offset: fork_offset.map(|o| Offset::parse(o.trim())).transpose()?,
+            sub_offset: sub_offset.map(parse::parse_sub_offset).transpose()?.unwrap_or(0),
+        }),
+    };
+    let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
+
+    // JSON mode follows the stream's type: the request's, or for a fork
+    // without one, the source's.
+    let json_mode = match (&content_type, &fork) {
+        (Some(ct), _) => parse::is_json(ct),
+        (None, Some(f)) => match state.engine.head(&f.source).await {
+            Ok(m) => m.json,
+            // The engine reports the precise error (404/409) on create.
+            Err(_) => false,
+        },
+        (None, None) => false,
+    };
+    let records = frame_body(&body, json_mode, true)?;
+    let req = CreateRequest { content_type: content_type.clone(), expiry, closed, json: json_mode, records, fork };
+    let (status, meta) = match state.engine.create(path, req).await? {
+        CreateOutcome::Created(m) => (StatusCode::CREATED, m),
+        CreateOutcome::Existed(m) => (StatusCode::OK, m),
+    };
+    let mut resp = empty(status);
+    set(&mut resp, "content-type", &meta.content_type);
+    set_offset(&mut resp, meta.tail);
+    set_closed(&mut resp, meta.closed);
+    set_expiry(&mut resp, &meta);
+    if status == StatusCode::CREATED {
+        let host = header_str(headers, "host")?.unwrap_or("localhost");
+        set(&mut resp, "location", format!("http://{host}{}", uri.path()));
+        if let Some(hook) = &state.hooks.on_stream_created {
+            hook(&StreamEvent { path: path.to_owned(), content_type: meta.content_type.clone() });
+        }
+    }
+    Ok(resp)
+}
+
+/// Splits a body into stored records: one per JSON message in JSON mode
+/// (validated, flattened one level), otherwise the body as one record.
+fn frame_body(body: &Bytes, json_mode: bool, allow_empty_array: bool) -> Result<Vec<Bytes>, ApiError> {
+    if body.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !json_mode {
+        return Ok(vec![body.clone()]);
+    }
+    let ranges = json::split_messages(body, allow_empty_array)?;
+    let (stored, lens) = json::frame_messages(body, &ranges);
+    let stored = Bytes::from(stored);
+    let mut out = Vec::with_capacity(lens.len());
+    let mut at = 0;
+    for len in lens {
+        out.push(stored.slice(at..at + len));
+        at += len;
+    }
+    Ok(out)
+}
+
+async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let close = parse::is_closed_flag(headers.get(h::STREAM_CLOSED).map(|v| v.as_bytes()));
+    let producer = parse::parse_producer(
+        header_str(headers, h::PRODUCER_ID)?,
+        header_str(headers, h::PRODUCER_EPOCH)?,
+        header_str(headers, h::PRODUCER_SEQ)?,
+    )?;
+    let stream_seq = header_str(headers, h::STREAM_SEQ)?.map(str::to_owned);
+    let content_type = header_str(headers, "content-type")?.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
+    if body.is_empty() && !close {
+        return Err(ApiError::bad_request("empty body: an append needs data (or Stream-Closed: true)"));
+    }
+    let records = if body.is_empty() {
+        Vec::new()
+    } else {
+        let Some(ct) = &content_type else {
+            return Err(ApiError::bad_request("Content-Type is required when appending data"));
+        };
+        let meta = state.engine.head(path).await?;
+        // On a closed stream the engine answers (409, or 204 for a producer
+        // retry of the closing append) without looking at the data.
+        let json_mode = meta.json && parse::is_json(ct) && !meta.closed;
+        frame_body(&body, json_mode, false)?
+    };
+    let has_data = !records.is_empty();
+    let req = AppendRequest { content_type, records, close, producer, stream_seq };
+    let mut resp;
+    match state.engine.append(path, req).await? {
+        AppendOutcome::Applied { meta, producer } => {
+            let status = if producer.is_some() && has_data { StatusCode::OK } else { StatusCode::NO_CONTENT };
+            resp = empty(status);
+            set_offset(&mut resp, meta.tail);
+            set_closed(&mut resp, meta.closed);
+            if let Some((epoch, seq)) = producer {
+                set(&mut resp, h::PRODUCER_EPOCH, epoch);
+                set(&mut resp, h::PRODUCER_SEQ, seq);
+            }
+        }
+        AppendOutcome::Duplicate { meta, epoch, seq } => {
+            resp = empty(StatusCode::NO_CONTENT);
+            set_offset(&mut resp, meta.tail);
+            set_closed(&mut resp, meta.closed);
+            set(&mut resp, h::PRODUCER_EPOCH, epoch);
+            set(&mut resp, h::PRODUCER_SEQ, seq);
+        }
+        AppendOutcome::AlreadyClosed { meta } => {
+            resp = empty(StatusCode::NO_CONTENT);
+            set_offset(&mut resp, meta.tail);
+            set_closed(&mut resp, true);
+        }
+    }
+    Ok(resp)
+}
+
+async fn head(state: &AppState, path: &str) -> Result<Response, ApiError> {
+    let meta = state.engine.head(path).await?;
+    let mut resp = empty(StatusCode::OK);
+    set(&mut resp, "content-type", &meta.content_type);
+    set_offset(&mut resp, meta.tail);
+    set_closed(&mut resp, meta.closed);
+    set_expiry(&mut resp, &meta);
+    resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+async fn delete(state: &AppState, path: &str) -> Result<Response, ApiError> {
+    state.engine.delete(path).await?;
+    if let Some(hook) = &state.hooks.on_stream_deleted {
+        hook(&StreamEvent { path: path.to_owned(), content_type: String::new() });
+    }
+    Ok(empty(StatusCode::NO_CONTENT))
+}
+
+async fn read(state: &Arc<AppState>, path: &str, uri: &Uri, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let q = request::parse_read_query(uri.query())?;
+    match q.live {
+        LiveMode::CatchUp => catch_up(state, path, q.offset, headers).await,
+        LiveMode::LongPoll => live::long_poll(state, path, q.offset, q.cursor.as_deref(), headers).await,
+        LiveMode::Sse => live::sse(state, path, q.offset, q.cursor.as_deref()).await,
+    }
+}
+
+pub fn read_from(o: OffsetParam) -> ReadFrom {
+    match o {
+        OffsetParam::Start => ReadFrom::Start,
+        OffsetParam::Now => ReadFrom::Tail,
+        OffsetParam::At(o) => ReadFrom::At(o),
+    }
+}
+
+async fn catch_up(state: &AppState, path: &str, offset: OffsetParam, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let chunk = state.engine.read(path, read_from(offset), state.config.read_chunk_bytes).await?;
+    if offset == OffsetParam::Now {
+        // Tail position only: never cached, no ETag (PROTOCOL.md 8).
+        let mut resp = data_response(&chunk, StatusCode::OK);
+        resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+        return Ok(resp);
+    }
+    Ok(chunk_response(&chunk, headers))
+}
+
+/// Whether the chunk reached the tail of a closed stream (the EOF signal).
+pub fn chunk_closed(chunk: &ReadChunk) -> bool {
+    chunk.meta.closed && chunk.up_to_date()
+}
+
+/// A catch-up (or long-poll 200) response for a chunk, with ETag and 304.
+pub fn chunk_response(chunk: &ReadChunk, headers: &HeaderMap) -> Response {
+    let tag = etag::format(chunk.meta.incarnation, chunk.start, chunk.next, chunk_closed(chunk));
+    let not_modified = headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|inm| etag::if_none_match_hits(inm, &tag));
+    let mut resp = if not_modified {
+        let mut r = empty(StatusCode::NOT_MODIFIED);
+        set_offset(&mut r, chunk.next);
+        if chunk.up_to_date() {
+            r.headers_mut().insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+        }
+        set_closed(&mut r, chunk_closed(chunk));
+        r
+    } else {
+        data_response(chunk, StatusCode::OK)
+    };
+    set(&mut resp, "etag", tag);
+    // Data is immutable by position and cacheable; an empty read at the tail
+    // of an open stream changes as soon as data arrives, so it must revalidate.
+    let cache = if chunk.is_empty() && !chunk_closed(chunk) { "no-cache" } else { CACHE_PUBLIC };
+    resp.headers_mut().insert("cache-control", HeaderValue::from_static(cache));
+    resp
+}
+
+/// The body and protocol headers of a read.
+pub fn data_response(chunk: &ReadChunk, status: StatusCode) -> Response {
+    let body = body_of(chunk);
+    let mut resp = (status, body).into_response();
+    set(&mut resp, "content-type", &chunk.meta.content_type);
+    set_offset(&mut resp, chunk.next);
+    if chunk.up_to_date() {
+        resp.headers_mut().insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+    }
+    set_closed(&mut resp, chunk_closed(chunk));
+    resp
+}
+
+/// Response body of a chunk without copying stored data: JSON chunks are
+/// wrapped as an array around the stored `message,` records.
+fn body_of(chunk: &ReadChunk) -> Body {
+    let mut parts: Vec<Bytes> = Vec::with_capacity(chunk.data.len() + 2);
+    if chunk.meta.json {
+        parts.push(Bytes::from_static(b"["));
+        let n = chunk.data.len();
+        for (i, d) in chunk.data.iter().enumerate() {
+            if i + 1 == n && d.last() == Some(&b',') {
+                parts.push(d.slice(..d.len() - 1));
+            } else {
+                parts.push(d.clone());
+            }
+        }
+        parts.push(Bytes::from_static(b"]"));
+    } else {
+        parts.extend(chunk.data.iter().cloned());
+    }
+    match parts.len() {
+        0 => Body::empty(),
+        1 => Body::from(parts.pop().unwrap_or_default()),
+        // Many small records: one contiguous buffer costs one copy but saves
+        // a write per record. Large records are streamed as they are.
+        _ if parts.len() > 16 && chunk.len() < 256 * 1024 => {
+            let mut buf = Vec::with_capacity(chunk.len() as usize + 2);
+            for p in &parts {
+                buf.extend_from_slice(p);
+            }
+            Body::from(buf)
+        }
+        _ => Body::from_stream(futures_util::stream::iter(parts.into_iter().map(Ok::<_, std::convert::Infallible>))),
+    }
+}

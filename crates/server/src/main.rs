@@ -1,0 +1,140 @@
+//! `durable-streams-server`: parses arguments and runs the library.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use durable_streams_protocol::parse::parse_duration;
+use durable_streams_server::{Server, ServerConfig};
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "durable-streams-server", version, about = "A Durable Streams protocol server.", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Zero-configuration development server: in-memory, 127.0.0.1:4437,
+    /// streams under /v1/stream/*.
+    Dev(ServeArgs),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).ok_or_else(|| format!("invalid duration {s:?} (use e.g. 500ms, 30s, 2m)"))
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port to listen on (0 picks a free port; the chosen address is logged).
+    #[arg(long, default_value_t = 4437)]
+    port: u16,
+    /// How long a long-poll read waits for data before answering 204.
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    long_poll_timeout: Duration,
+    /// How long an SSE connection stays open before the server closes it
+    /// (clients reconnect from their last offset; lets CDNs collapse).
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    sse_reconnect_interval: Duration,
+    /// Width of the cursor interval used for CDN cache-busting cursors.
+    #[arg(long, value_parser = duration, default_value = "20s")]
+    cursor_interval: Duration,
+    /// Largest request body accepted for an append or create, in bytes (413 above).
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    max_append_bytes: u64,
+    /// Largest catch-up response body, in bytes; longer reads are cut and
+    /// the client continues from Stream-Next-Offset.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    read_chunk_bytes: usize,
+    /// Largest request head (request line and headers), in bytes (431 above; minimum 8192).
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// Maximum concurrent live readers (long-poll and SSE) in total; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 50_000)]
+    max_live_readers: usize,
+    /// Maximum concurrent live readers on a single stream.
+    #[arg(long, default_value_t = 10_000)]
+    max_live_readers_per_stream: usize,
+    /// Maximum concurrent connections; further connections wait to be accepted.
+    #[arg(long, default_value_t = 60_000)]
+    max_connections: usize,
+    /// URL path under which streams live.
+    #[arg(long, default_value = "/v1/stream")]
+    path_prefix: String,
+    /// How long shutdown (SIGINT/SIGTERM) waits for in-flight requests.
+    #[arg(long, value_parser = duration, default_value = "10s")]
+    shutdown_grace: Duration,
+    /// Directory for the durable file engine (reserved: not available yet).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+}
+
+fn config_from(a: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    if !a.path_prefix.starts_with('/') {
+        bail!("--path-prefix must start with '/'");
+    }
+    if a.read_chunk_bytes == 0 || a.max_live_readers == 0 || a.max_connections == 0 {
+        bail!("--read-chunk-bytes, --max-live-readers and --max-connections must be positive");
+    }
+    Ok(ServerConfig {
+        host: a.host.clone(),
+        port: a.port,
+        path_prefix: a.path_prefix.trim_end_matches('/').to_owned(),
+        long_poll_timeout: a.long_poll_timeout,
+        sse_reconnect_interval: a.sse_reconnect_interval,
+        cursor_interval: a.cursor_interval.max(Duration::from_secs(1)),
+        max_append_bytes: a.max_append_bytes,
+        read_chunk_bytes: a.read_chunk_bytes,
+        max_header_bytes: a.max_header_bytes,
+        max_live_readers: a.max_live_readers,
+        max_live_readers_per_stream: a.max_live_readers_per_stream,
+        max_connections: a.max_connections,
+        shutdown_grace: a.shutdown_grace,
+        ..ServerConfig::default()
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let Command::Dev(args) = cli.command;
+    if args.data_dir.is_some() {
+        bail!("--data-dir: the durable file engine is not available in this build yet");
+    }
+    let config = config_from(&args)?;
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, prefix = %config.path_prefix, engine = "memory", "durable-streams-server listening");
+    Server::builder().config(config).build().run(listener, shutdown_signal()).await?;
+    Ok(())
+}

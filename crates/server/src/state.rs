@@ -1,0 +1,105 @@
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use durable_streams_storage::Engine;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// A stream lifecycle event passed to hooks.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// Root-relative stream path.
+    pub path: String,
+    /// Content type (empty for deletions).
+    pub content_type: String,
+}
+
+pub type Hook = Arc<dyn Fn(&StreamEvent) + Send + Sync>;
+
+/// Lifecycle hooks, called after the operation committed.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    pub on_stream_created: Option<Hook>,
+    pub on_stream_deleted: Option<Hook>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("on_stream_created", &self.on_stream_created.is_some())
+            .field("on_stream_deleted", &self.on_stream_deleted.is_some())
+            .finish()
+    }
+}
+
+/// Shared state of the HTTP layer.
+#[derive(Debug)]
+pub struct AppState {
+    pub engine: Arc<dyn Engine>,
+    pub config: ServerConfig,
+    pub hooks: Hooks,
+    /// Cancelled when the server shuts down: live readers end at once.
+    pub shutdown: CancellationToken,
+    live_total: AtomicUsize,
+    live_per_stream: Mutex<HashMap<String, usize>>,
+}
+
+impl AppState {
+    pub fn new(engine: Arc<dyn Engine>, config: ServerConfig, hooks: Hooks) -> Self {
+        AppState {
+            engine,
+            config,
+            hooks,
+            shutdown: CancellationToken::new(),
+            live_total: AtomicUsize::new(0),
+            live_per_stream: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admits a live reader (long-poll or SSE) or refuses with 503.
+    pub fn admit_live_reader(self: &Arc<Self>, path: &str) -> Result<LiveGuard, ApiError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ApiError::ShuttingDown);
+        }
+        let prev = self.live_total.fetch_add(1, Ordering::AcqRel);
+        if prev >= self.config.max_live_readers {
+            self.live_total.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::TooManyReaders);
+        }
+        let mut per = self.live_per_stream.lock();
+        let n = per.entry(path.to_owned()).or_insert(0);
+        if *n >= self.config.max_live_readers_per_stream {
+            drop(per);
+            self.live_total.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::TooManyReaders);
+        }
+        *n += 1;
+        Ok(LiveGuard { state: self.clone(), path: path.to_owned() })
+    }
+
+    pub fn live_readers(&self) -> usize {
+        self.live_total.load(Ordering::Acquire)
+    }
+}
+
+/// Holds a live-reader slot; releases it when dropped.
+#[derive(Debug)]
+pub struct LiveGuard {
+    state: Arc<AppState>,
+    path: String,
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.state.live_total.fetch_sub(1, Ordering::AcqRel);
+        let mut per = self.state.live_per_stream.lock();
+        if let Some(n) = per.get_mut(&self.path) {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.path);
+            }
+        }
+    }
+}

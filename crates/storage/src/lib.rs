@@ -1,0 +1,56 @@
+//! Storage engines for Durable Streams, behind one trait ([`Engine`]).
+//!
+//! The engine owns everything that must be consistent under concurrency:
+//! stream configuration, bytes, closure, idempotent-producer state,
+//! `Stream-Seq`, TTL bookkeeping, forks and their reference counts. The HTTP
+//! layer only translates requests into these calls and outcomes into
+//! responses. Engines know records (one per append, or one per JSON message)
+//! but nothing about HTTP.
+
+mod clock;
+mod error;
+pub mod memory;
+mod types;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::StorageError;
+pub use memory::MemoryEngine;
+pub use types::*;
+
+use async_trait::async_trait;
+
+/// A storage engine. All methods are safe to call concurrently; an engine
+/// serialises work per stream (never globally) and, within a stream, per
+/// idempotent producer.
+///
+/// Offsets are byte positions in the stream's stored representation. A fork
+/// shares its source's offsets below its fork offset.
+#[async_trait]
+pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a stream, or confirms an existing one whose configuration
+    /// matches (`Existed`). Forks resolve their source under the same root.
+    async fn create(&self, path: &str, req: CreateRequest) -> Result<CreateOutcome, StorageError>;
+
+    /// Appends records and/or closes, applying idempotent-producer and
+    /// `Stream-Seq` rules atomically with the data. Refreshes a sliding TTL.
+    async fn append(&self, path: &str, req: AppendRequest) -> Result<AppendOutcome, StorageError>;
+
+    /// Metadata without refreshing a sliding TTL (HEAD).
+    async fn head(&self, path: &str) -> Result<StreamMeta, StorageError>;
+
+    /// Reads up to `max_bytes` starting at `from` (cut at a record boundary
+    /// for JSON streams; a single record larger than the limit is returned
+    /// whole). Refreshes a sliding TTL.
+    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> Result<ReadChunk, StorageError>;
+
+    /// Deletes a stream; soft-deletes it while forks still reference it.
+    async fn delete(&self, path: &str) -> Result<(), StorageError>;
+
+    /// A change feed for live readers: the receiver sees every change of the
+    /// stream's tail and closure, and `gone` once it is deleted or expired.
+    /// Does not refresh TTL.
+    async fn watch(&self, path: &str) -> Result<tokio::sync::watch::Receiver<Signal>, StorageError>;
+
+    /// Frees streams whose expiry has passed. Returns how many were removed.
+    async fn sweep_expired(&self) -> usize;
+}

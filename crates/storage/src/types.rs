@@ -1,0 +1,126 @@
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use durable_streams_protocol::{parse::ProducerHeaders, Offset};
+
+/// Expiry policy of a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Expiry {
+    #[default]
+    Never,
+    /// Sliding window: expires this many seconds after the last read or write.
+    TtlSecs(u64),
+    /// Absolute deadline.
+    At(DateTime<Utc>),
+}
+
+/// Where a fork branches off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForkSpec {
+    /// Stream path of the source, relative to the same root as the fork.
+    pub source: String,
+    /// Divergence point; `None` means the source's tail.
+    pub offset: Option<Offset>,
+    /// Records (JSON) or bytes past `offset` also inherited.
+    pub sub_offset: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    /// `None` only for forks, which then inherit the source's type.
+    pub content_type: Option<String>,
+    pub expiry: Expiry,
+    pub closed: bool,
+    /// JSON mode: each record is one message and records are atomic.
+    pub json: bool,
+    /// Initial records (already framed by the caller).
+    pub records: Vec<Bytes>,
+    pub fork: Option<ForkSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Created(StreamMeta),
+    /// The stream already existed with the same configuration.
+    Existed(StreamMeta),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AppendRequest {
+    /// The request's content type; checked against the stream's only when
+    /// `records` is non-empty.
+    pub content_type: Option<String>,
+    /// Records to append; empty for a close-only request.
+    pub records: Vec<Bytes>,
+    pub close: bool,
+    pub producer: Option<ProducerHeaders>,
+    pub stream_seq: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum AppendOutcome {
+    /// New data (or a new close) was committed.
+    Applied {
+        meta: StreamMeta,
+        /// `(epoch, seq)` accepted for an idempotent producer.
+        producer: Option<(u64, u64)>,
+    },
+    /// An idempotent producer retried something already committed.
+    Duplicate { meta: StreamMeta, epoch: u64, seq: u64 },
+    /// Close-only request on an already closed stream.
+    AlreadyClosed { meta: StreamMeta },
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    Start,
+    Tail,
+    At(Offset),
+}
+
+/// A snapshot of a stream's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamMeta {
+    /// Unique per created stream, never reused (ETags carry it).
+    pub incarnation: u64,
+    pub content_type: String,
+    pub json: bool,
+    pub tail: Offset,
+    pub closed: bool,
+    pub expiry: Expiry,
+    /// Unix ms at which the stream expires, if it can.
+    pub expires_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadChunk {
+    pub meta: StreamMeta,
+    pub start: Offset,
+    /// Offset after the returned data.
+    pub next: Offset,
+    /// The data, in order; concatenated it is exactly the stored bytes of
+    /// `start..next`.
+    pub data: Vec<Bytes>,
+}
+
+impl ReadChunk {
+    pub fn len(&self) -> u64 {
+        self.next.0 - self.start.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.next == self.start
+    }
+    /// True when the chunk reaches the tail as it was when read.
+    pub fn up_to_date(&self) -> bool {
+        self.next == self.meta.tail
+    }
+}
+
+/// State published to live readers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signal {
+    pub tail: Offset,
+    pub closed: bool,
+    /// Deleted or expired: waiters must answer at once.
+    pub gone: bool,
+}
