@@ -168,17 +168,15 @@ fn collect(
         return Ok(from);
     }
     let mut idx = st.records.partition_point(|(start, b)| start + b.len() as u64 <= from);
-    while idx < st.records.len() && from < upto {
+    while idx < st.records.len() && from < upto && budget.records > 0 {
         let (start, bytes) = &st.records[idx];
+        // Invariant: records are contiguous, so `start <= from < start + len`.
         let within = (from - start) as usize;
         if s.json && within != 0 {
             return Err(StorageError::OffsetNotAligned);
         }
         let end_in_rec = ((upto - start) as usize).min(bytes.len());
         let available = end_in_rec - within;
-        if budget.records == 0 {
-            break;
-        }
         let take = if s.json {
             if available > budget.bytes && !out.is_empty() {
                 break;
@@ -194,6 +192,9 @@ fn collect(
         budget.bytes = budget.bytes.saturating_sub(take);
         budget.records -= 1;
         from += take as u64;
+        if within + take < bytes.len() {
+            break; // stopped inside this record (budget or `upto`)
+        }
         idx += 1;
     }
     Ok(from)
