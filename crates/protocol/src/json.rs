@@ -63,6 +63,49 @@ pub fn stored_to_array(stored: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Finds message boundaries in stored JSON-mode bytes without an index.
+///
+/// Stored data is a sequence of `message,`; a boundary is the position just
+/// past a separator at nesting depth 0 outside strings. The scanner is
+/// incremental (its state carries across chunks) and must start at a
+/// boundary. Stored data was validated on append, so the scan is exact.
+#[derive(Debug, Default, Clone)]
+pub struct BoundaryScanner {
+    depth: u32,
+    in_string: bool,
+    escape: bool,
+}
+
+impl BoundaryScanner {
+    /// Scans `bytes`; calls `on_boundary(i)` with each index just past a
+    /// separator (relative to `bytes`). Stops early when it returns false.
+    pub fn feed(&mut self, bytes: &[u8], mut on_boundary: impl FnMut(usize) -> bool) {
+        for (i, &b) in bytes.iter().enumerate() {
+            if self.in_string {
+                if self.escape {
+                    self.escape = false;
+                } else if b == b'\\' {
+                    self.escape = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'[' | b'{' => self.depth += 1,
+                b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+                b',' if self.depth == 0 => {
+                    if !on_boundary(i + 1) {
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,7 +148,38 @@ mod tests {
         assert_eq!(stored_to_array(b""), b"[]".to_vec());
     }
 
+    #[test]
+    fn scanner_finds_exactly_the_message_ends() {
+        let body = br#"[{"a":"x,\",]"}, [1,[2,3]], "q\\", 4]"#;
+        let ranges = split_messages(body, false).unwrap();
+        let (stored, lens) = frame_messages(body, &ranges);
+        let mut want = vec![];
+        let mut at = 0;
+        for l in lens { at += l; want.push(at); }
+        // Fed whole and byte by byte, the scanner agrees with the framing.
+        let mut got = vec![];
+        BoundaryScanner::default().feed(&stored, |i| { got.push(i); true });
+        assert_eq!(got, want);
+        let mut sc = BoundaryScanner::default();
+        let mut got = vec![];
+        for (k, b) in stored.iter().enumerate() {
+            sc.feed(std::slice::from_ref(b), |_| { got.push(k + 1); true });
+        }
+        assert_eq!(got, want);
+    }
+
     proptest! {
+        /// The scanner finds one boundary per stored message for any values.
+        #[test]
+        fn scanner_counts_messages(values in proptest::collection::vec(arb_json(), 1..8)) {
+            let body = serde_json::to_vec(&values).unwrap();
+            let ranges = split_messages(&body, false).unwrap();
+            let (stored, _) = frame_messages(&body, &ranges);
+            let mut n = 0;
+            BoundaryScanner::default().feed(&stored, |_| { n += 1; true });
+            prop_assert_eq!(n, values.len());
+        }
+
         /// Any sequence of JSON values sent as one array is stored as exactly
         /// those values and read back as an equal array.
         #[test]

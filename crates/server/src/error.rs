@@ -60,7 +60,7 @@ impl ApiError {
                 | S::OffsetNotAligned => StatusCode::BAD_REQUEST,
                 S::StreamTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
                 S::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
-                S::Io(_) => StatusCode::SERVICE_UNAVAILABLE,
+                S::Io(_) | S::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -91,7 +91,9 @@ impl IntoResponse for ApiError {
                 hs.insert(h::PRODUCER_EXPECTED_SEQ, num(*expected));
                 hs.insert(h::PRODUCER_RECEIVED_SEQ, num(*received));
             }
-            ApiError::TooManyReaders | ApiError::ShuttingDown | ApiError::Storage(StorageError::Io(_)) => {
+            ApiError::TooManyReaders
+            | ApiError::ShuttingDown
+            | ApiError::Storage(StorageError::Io(_) | StorageError::Overloaded) => {
                 hs.insert("retry-after", HeaderValue::from_static("1"));
             }
             _ => {}

@@ -164,6 +164,7 @@ impl Server {
         if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("grace period over; closing remaining connections");
         }
+        self.state.engine.shutdown().await;
         Ok(())
     }
 }

@@ -4,6 +4,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use durable_streams_protocol::parse::parse_duration;
 use durable_streams_server::{Server, ServerConfig};
+use durable_streams_storage::{Engine, FileEngine, FileOptions, MemoryEngine};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
@@ -15,9 +17,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Zero-configuration development server: in-memory, 127.0.0.1:4437,
-    /// streams under /v1/stream/*.
+    /// Zero-configuration development server: in-memory (or durable with
+    /// --data-dir), 127.0.0.1:4437, streams under /v1/stream/*.
     Dev(ServeArgs),
+    /// Production server: the durable file engine; requires --data-dir.
+    Run(ServeArgs),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -67,9 +71,16 @@ struct ServeArgs {
     /// How long shutdown (SIGINT/SIGTERM) waits for in-flight requests.
     #[arg(long, value_parser = duration, default_value = "10s")]
     shutdown_grace: Duration,
-    /// Directory for the durable file engine (reserved: not available yet).
+    /// Directory of the durable file engine (created if missing). Without
+    /// it, `dev` keeps streams in memory; `run` requires it.
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// Data files the file engine keeps open at once.
+    #[arg(long, default_value_t = 1024)]
+    max_open_files: usize,
+    /// How often the file engine checkpoints (bounds WAL replay at start-up).
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    checkpoint_interval: Duration,
 }
 
 fn config_from(a: &ServeArgs) -> anyhow::Result<ServerConfig> {
@@ -125,16 +136,33 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
-    let Command::Dev(args) = cli.command;
-    if args.data_dir.is_some() {
-        bail!("--data-dir: the durable file engine is not available in this build yet");
+    let (args, production) = match cli.command {
+        Command::Dev(a) => (a, false),
+        Command::Run(a) => (a, true),
+    };
+    if production && args.data_dir.is_none() {
+        bail!("`run` needs --data-dir DIR (use `dev` for an in-memory server)");
     }
     let config = config_from(&args)?;
+    let (engine, engine_name): (Arc<dyn Engine>, &str) = match &args.data_dir {
+        None => (Arc::new(MemoryEngine::new()), "memory"),
+        Some(dir) => {
+            let opts = FileOptions {
+                max_open_files: args.max_open_files.max(16),
+                checkpoint_interval: args.checkpoint_interval,
+                ..FileOptions::default()
+            };
+            let started = std::time::Instant::now();
+            let e = FileEngine::open(dir, opts).with_context(|| format!("cannot open data directory {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), recovery_ms = started.elapsed().as_millis() as u64, "file engine ready");
+            (Arc::new(e), "file")
+        }
+    };
     let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, prefix = %config.path_prefix, engine = "memory", "durable-streams-server listening");
-    Server::builder().config(config).build().run(listener, shutdown_signal()).await?;
+    tracing::info!(%addr, prefix = %config.path_prefix, engine = engine_name, "durable-streams-server listening");
+    Server::builder().config(config).engine(engine).build().run(listener, shutdown_signal()).await?;
     Ok(())
 }

@@ -37,6 +37,8 @@ pub enum StorageError {
     OffsetNotAligned,
     #[error("stream exceeds the maximum size")]
     StreamTooLarge,
+    #[error("too many writes queued; retry later")]
+    Overloaded,
     #[error("storage is full")]
     StorageFull,
     #[error("storage failed: {0}")]

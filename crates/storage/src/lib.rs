@@ -9,11 +9,13 @@
 
 mod clock;
 mod error;
+pub mod file;
 pub mod memory;
 mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StorageError;
+pub use file::{FileEngine, FileOptions};
 pub use memory::MemoryEngine;
 pub use types::*;
 
@@ -53,4 +55,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Frees streams whose expiry has passed. Returns how many were removed.
     async fn sweep_expired(&self) -> usize;
+
+    /// Flushes and stops background work (called on graceful shutdown).
+    async fn shutdown(&self) {}
 }

@@ -1,0 +1,1296 @@
+use super::catalog::{Catalog, Effect};
+use super::codec::{self, AppendRec, CreateRec, ForkRec, Record, WAL_HEADER_LEN, WAL_MAGIC};
+use super::vfs::{Vfs, VfsFile};
+use crate::memory::{check_producer, expires_at_ms, ProducerCheck, ProducerState};
+use crate::{
+    AppendOutcome, AppendRequest, Clock, CreateOutcome, CreateRequest, Engine, Expiry, ForkSpec,
+    ReadChunk, ReadFrom, Signal, StorageError, StreamMeta, SystemClock,
+};
+use async_trait::async_trait;
+use bytes::Bytes;
+use durable_streams_protocol::json::BoundaryScanner;
+use durable_streams_protocol::{parse::media_type, parse::ProducerHeaders, Offset};
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+/// Tuning of the file engine.
+#[derive(Debug, Clone)]
+pub struct FileOptions {
+    /// Data files kept open at once (least recently used are closed).
+    pub max_open_files: usize,
+    /// A checkpoint is taken this often while anything was written...
+    pub checkpoint_interval: Duration,
+    /// ...or as soon as the WAL grew by this much since the last one.
+    pub checkpoint_wal_bytes: u64,
+    /// Largest batch (bytes of records) written with one sync.
+    pub max_batch_bytes: usize,
+    /// How often read-only TTL refreshes are persisted.
+    pub touch_flush_interval: Duration,
+    /// Bytes queued for the committer before appends are refused (503).
+    pub max_pending_bytes: u64,
+}
+
+impl Default for FileOptions {
+    fn default() -> Self {
+        FileOptions {
+            max_open_files: 1024,
+            checkpoint_interval: Duration::from_secs(30),
+            checkpoint_wal_bytes: 64 * 1024 * 1024,
+            max_batch_bytes: 8 * 1024 * 1024,
+            touch_flush_interval: Duration::from_secs(1),
+            max_pending_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct FileStats {
+    /// WAL `fdatasync` calls (one per batch).
+    pub wal_syncs: AtomicU64,
+    /// Records committed.
+    pub records: AtomicU64,
+    pub checkpoints: AtomicU64,
+}
+
+type Ack = oneshot::Sender<Result<(), StorageError>>;
+
+enum Publish {
+    None,
+    Created,
+    Tail { tail: u64, closed: bool },
+}
+
+enum Job {
+    Write { record: Record, stream: Option<Arc<FStream>>, publish: Publish, ack: Option<Ack>, bytes: u64 },
+    /// Acknowledged once every job queued before it is durable.
+    Barrier(Ack),
+    Checkpoint(Ack),
+    Stop,
+}
+
+#[derive(Debug)]
+struct FStream {
+    id: u64,
+    path: String,
+    content_type: String,
+    json: bool,
+    base: u64,
+    source: Option<Arc<FStream>>,
+    requested_expiry: Expiry,
+    fork: Option<ForkSpec>,
+    state: Mutex<PState>,
+    signal: watch::Sender<Signal>,
+}
+
+/// Per-stream state. The first group is the *pending* state requests are
+/// validated against (it includes queued, not yet durable appends); the
+/// `durable_*` fields are what readers see, advanced by the committer after
+/// the sync.
+#[derive(Debug)]
+struct PState {
+    tail: u64,
+    closed: bool,
+    closed_by: Option<(String, u64, u64)>,
+    producers: HashMap<String, ProducerState>,
+    last_stream_seq: Option<String>,
+    expiry: Expiry,
+    last_access_ms: u64,
+    soft_deleted: bool,
+    /// Expired while forks still read it: no path, data retained.
+    detached: bool,
+    fork_refs: u64,
+    removed: bool,
+    created: bool,
+    durable_tail: u64,
+    durable_closed: bool,
+}
+
+impl FStream {
+    fn meta(&self, st: &PState) -> StreamMeta {
+        StreamMeta {
+            incarnation: self.id,
+            content_type: self.content_type.clone(),
+            json: self.json,
+            tail: Offset(st.durable_tail),
+            closed: st.durable_closed,
+            expiry: st.expiry.clone(),
+            expires_at_ms: expires_at_ms(&st.expiry, st.last_access_ms),
+        }
+    }
+    fn publish(&self, st: &PState) {
+        self.signal.send_replace(Signal {
+            tail: Offset(st.durable_tail),
+            closed: st.durable_closed,
+            gone: st.removed || st.detached,
+        });
+    }
+}
+
+/// Bounded cache of open data files.
+#[derive(Debug)]
+struct FileCache {
+    vfs: Arc<dyn Vfs>,
+    dir: PathBuf,
+    open: Mutex<lru::LruCache<u64, Arc<dyn VfsFile>>>,
+    made_dirs: Mutex<HashSet<u64>>,
+}
+
+impl FileCache {
+    fn path(dir: &Path, id: u64) -> PathBuf {
+        dir.join("data").join(format!("{:02x}", id % 256)).join(format!("{id:016x}.dat"))
+    }
+    fn get(&self, id: u64, create: bool) -> io::Result<Arc<dyn VfsFile>> {
+        let mut open = self.open.lock();
+        if let Some(f) = open.get(&id) {
+            return Ok(f.clone());
+        }
+        let path = Self::path(&self.dir, id);
+        if create && self.made_dirs.lock().insert(id % 256) {
+            if let Some(parent) = path.parent() {
+                self.vfs.create_dir_all(parent)?;
+            }
+        }
+        let f = self.vfs.open(&path, create)?;
+        open.put(id, f.clone());
+        Ok(f)
+    }
+    fn remove(&self, id: u64) {
+        self.open.lock().pop(&id);
+        let _ = self.vfs.remove_file(&Self::path(&self.dir, id));
+    }
+    fn open_count(&self) -> usize {
+        self.open.lock().len()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    vfs: Arc<dyn Vfs>,
+    clock: Arc<dyn Clock>,
+    opts: FileOptions,
+    registry: RwLock<HashMap<String, Arc<FStream>>>,
+    next_id: AtomicU64,
+    files: FileCache,
+    tx: Mutex<mpsc::Sender<Job>>,
+    poisoned: Mutex<Option<StorageError>>,
+    poisoned_flag: AtomicBool,
+    touches: Mutex<HashMap<u64, u64>>,
+    pending_bytes: AtomicU64,
+    stats: FileStats,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The durable, file-backed engine (docs/storage.md).
+#[derive(Debug, Clone)]
+pub struct FileEngine {
+    inner: Arc<Inner>,
+}
+
+fn io_err(e: io::Error) -> StorageError {
+    if e.raw_os_error() == Some(28) {
+        StorageError::StorageFull
+    } else {
+        StorageError::Io(e.to_string())
+    }
+}
+
+fn is_expired(st: &PState, now_ms: u64) -> bool {
+    expires_at_ms(&st.expiry, st.last_access_ms).is_some_and(|t| now_ms >= t)
+}
+
+fn wal_name(seq: u64) -> String {
+    format!("{seq:016x}.wal")
+}
+
+fn read_all(f: &dyn VfsFile) -> io::Result<Vec<u8>> {
+    let len = f.len()? as usize;
+    let mut buf = vec![0u8; len];
+    let mut at = 0;
+    while at < len {
+        let n = f.read_at(&mut buf[at..], at as u64)?;
+        if n == 0 {
+            buf.truncate(at);
+            break;
+        }
+        at += n;
+    }
+    Ok(buf)
+}
+
+fn read_exact_at(f: &dyn VfsFile, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let n = f.read_at(&mut buf[at..], offset + at as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "data file shorter than its stream"));
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+fn write_effects(files: &FileCache, effects: &[Effect], dirty: &mut HashSet<u64>) -> io::Result<()> {
+    for e in effects {
+        match e {
+            Effect::Write { id, base, start, data } => {
+                let f = files.get(*id, true)?;
+                let mut at = start - base;
+                for d in data {
+                    f.write_all_at(d, at)?;
+                    at += d.len() as u64;
+                }
+                dirty.insert(*id);
+            }
+            Effect::RemoveData { id } => {
+                files.remove(*id);
+                dirty.remove(id);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The WAL's current segment.
+struct Wal {
+    seq: u64,
+    file: Arc<dyn VfsFile>,
+    len: u64,
+}
+
+impl FileEngine {
+    /// Opens (creating if needed) a data directory on the real file system.
+    pub fn open(dir: impl AsRef<Path>, opts: FileOptions) -> Result<FileEngine, StorageError> {
+        Self::open_with(dir, opts, Arc::new(super::vfs::StdVfs::default()), Arc::new(SystemClock))
+    }
+
+    /// Opens over any file system and clock (tests use the simulated ones).
+    /// Runs recovery: see docs/storage.md.
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        opts: FileOptions,
+        vfs: Arc<dyn Vfs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<FileEngine, StorageError> {
+        let dir = dir.as_ref().to_path_buf();
+        let (catalog, wal) = recover(&dir, vfs.as_ref()).map_err(io_err)?;
+        let files = FileCache {
+            vfs: vfs.clone(),
+            dir: dir.clone(),
+            open: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(opts.max_open_files.max(1)).unwrap_or(std::num::NonZeroUsize::MIN))),
+            made_dirs: Mutex::new(HashSet::new()),
+        };
+        let (tx, rx) = mpsc::channel();
+        let next_id = catalog.next_id.max(clock.now_ms().saturating_mul(1000));
+        let inner = Arc::new(Inner {
+            dir,
+            vfs,
+            clock,
+            opts,
+            registry: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(next_id),
+            files,
+            tx: Mutex::new(tx),
+            poisoned: Mutex::new(None),
+            poisoned_flag: AtomicBool::new(false),
+            touches: Mutex::new(HashMap::new()),
+            pending_bytes: AtomicU64::new(0),
+            stats: FileStats::default(),
+            committer: Mutex::new(None),
+        });
+        inner.load_live(&catalog);
+        let worker = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("ds-committer".into())
+            .spawn(move || Committer { inner: worker, catalog, wal, dirty: HashSet::new() }.run(rx))
+            .map_err(io_err)?;
+        *inner.committer.lock() = Some(handle);
+        Ok(FileEngine { inner })
+    }
+
+    pub fn stats(&self) -> &FileStats {
+        &self.inner.stats
+    }
+
+    /// Data files currently open.
+    pub fn open_files(&self) -> usize {
+        self.inner.files.open_count()
+    }
+
+    /// Forces a checkpoint (tests, shutdown).
+    pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.send(Job::Checkpoint(tx))?;
+        rx.await.map_err(|_| StorageError::Io("committer stopped".into()))?
+    }
+
+    /// Stops the committer after a final checkpoint. Further writes fail.
+    pub fn close(&self) {
+        let _ = self.inner.tx.lock().send(Job::Stop);
+        if let Some(h) = self.inner.committer.lock().take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Inner {
+    fn load_live(&self, cat: &Catalog) {
+        let now = self.clock.now_ms();
+        let slack = self.opts.touch_flush_interval.as_millis() as u64 + 1000;
+        let mut by_id: HashMap<u64, Arc<FStream>> = HashMap::new();
+        let mut reg = self.registry.write();
+        // Ids grow with creation time and a fork is created after its
+        // source, so ascending id order builds sources first.
+        for s in cat.streams.values() {
+            let last_access = match s.expiry {
+                // Never expire early after a restart: reads after the last
+                // persisted touch may have been lost.
+                Expiry::TtlSecs(_) => (s.last_access_ms + slack).min(now.max(s.last_access_ms)),
+                _ => s.last_access_ms,
+            };
+            let st = PState {
+                tail: s.tail,
+                closed: s.closed,
+                closed_by: s.closed_by.clone(),
+                producers: s.producers.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                last_stream_seq: s.last_stream_seq.clone(),
+                expiry: s.expiry.clone(),
+                last_access_ms: last_access,
+                soft_deleted: s.soft_deleted,
+                detached: s.path.is_none(),
+                fork_refs: s.fork_refs,
+                removed: false,
+                created: true,
+                durable_tail: s.tail,
+                durable_closed: s.closed,
+            };
+            let (signal, _) = watch::channel(Signal { tail: Offset(s.tail), closed: s.closed, gone: s.path.is_none() });
+            let f = Arc::new(FStream {
+                id: s.id,
+                path: s.path.clone().unwrap_or_default(),
+                content_type: s.content_type.clone(),
+                json: s.json,
+                base: s.base,
+                source: s.source_id.and_then(|i| by_id.get(&i).cloned()),
+                requested_expiry: s.requested_expiry.clone(),
+                fork: s.fork.clone(),
+                state: Mutex::new(st),
+                signal,
+            });
+            if let Some(p) = &s.path {
+                reg.insert(p.clone(), f.clone());
+            }
+            by_id.insert(s.id, f);
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), StorageError> {
+        if self.poisoned_flag.load(Ordering::Acquire) {
+            return Err(self.poisoned.lock().clone().unwrap_or(StorageError::Io("store failed".into())));
+        }
+        if self.pending_bytes.load(Ordering::Acquire) > self.opts.max_pending_bytes {
+            return Err(StorageError::Overloaded);
+        }
+        Ok(())
+    }
+
+    fn send(&self, job: Job) -> Result<(), StorageError> {
+        self.tx.lock().send(job).map_err(|_| StorageError::Io("committer stopped".into()))
+    }
+
+    /// Queues a record; returns the receiver of its acknowledgement.
+    fn submit(&self, record: Record, stream: Option<Arc<FStream>>, publish: Publish) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        let bytes = record.data_len() + 64;
+        self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if let Err(e) = self.send(Job::Write { record, stream, publish, ack: Some(tx), bytes }) {
+            self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(e);
+        }
+        Ok(rx)
+    }
+
+    async fn barrier(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Barrier(tx))?;
+        rx.await.map_err(|_| StorageError::Io("committer stopped".into()))?
+    }
+
+    async fn live(&self, path: &str) -> Result<Arc<FStream>, StorageError> {
+        let s = self.registry.read().get(path).cloned().ok_or(StorageError::NotFound)?;
+        let created = s.state.lock().created;
+        if !created {
+            // Created but not yet durable: wait for its record.
+            self.barrier().await?;
+            if !s.state.lock().created {
+                return Err(StorageError::NotFound);
+            }
+        }
+        let now = self.clock.now_ms();
+        let (expired, soft) = {
+            let st = s.state.lock();
+            (is_expired(&st, now), st.soft_deleted)
+        };
+        if expired {
+            let _ = self.remove_live(path, &s, true);
+            return Err(StorageError::NotFound);
+        }
+        if soft {
+            return Err(StorageError::Gone);
+        }
+        Ok(s)
+    }
+
+    /// Deletes or expires `s` (registered at `path`) in the live state and
+    /// queues the Delete record, mirroring `Catalog::delete`.
+    fn remove_live(&self, path: &str, s: &Arc<FStream>, expired: bool) -> Option<oneshot::Receiver<Result<(), StorageError>>> {
+        let mut reg = self.registry.write();
+        if !reg.get(path).is_some_and(|e| Arc::ptr_eq(e, s)) {
+            return None;
+        }
+        {
+            let mut st = s.state.lock();
+            if st.fork_refs > 0 {
+                if expired {
+                    st.detached = true;
+                    reg.remove(path);
+                } else {
+                    st.soft_deleted = true;
+                }
+            } else {
+                st.removed = true;
+                reg.remove(path);
+            }
+            s.publish(&st);
+        }
+        let fully_removed = s.state.lock().removed;
+        if fully_removed {
+            // Cascade: release sources retained only for this stream.
+            let mut cur = s.clone();
+            while let Some(src) = cur.source.clone() {
+                let mut sst = src.state.lock();
+                sst.fork_refs = sst.fork_refs.saturating_sub(1);
+                if sst.fork_refs > 0 || !(sst.soft_deleted || sst.detached) {
+                    break;
+                }
+                sst.removed = true;
+                src.publish(&sst);
+                drop(sst);
+                if reg.get(&src.path).is_some_and(|e| Arc::ptr_eq(e, &src)) {
+                    reg.remove(&src.path);
+                }
+                cur = src;
+            }
+        }
+        let rec = Record::Delete { id: s.id, expired, now_ms: self.clock.now_ms() };
+        self.submit(rec, None, Publish::None).ok()
+    }
+
+    /// Reads stored bytes `from..end` across the fork chain.
+    fn read_range(&self, s: &Arc<FStream>, from: u64, end: u64, out: &mut Vec<Bytes>) -> Result<(), StorageError> {
+        let mut from = from;
+        if from < s.base {
+            let src = s.source.as_ref().ok_or_else(|| StorageError::Io("fork without source".into()))?;
+            let upto = end.min(s.base);
+            self.read_range(src, from, upto, out)?;
+            from = upto;
+        }
+        if from < end {
+            let f = self.files.get(s.id, false).map_err(io_err)?;
+            let mut buf = vec![0u8; (end - from) as usize];
+            read_exact_at(f.as_ref(), &mut buf, from - s.base).map_err(io_err)?;
+            out.push(Bytes::from(buf));
+        }
+        Ok(())
+    }
+
+    /// For JSON streams: the end of the `n`-th message after `from`, reading
+    /// no further than `tail`. `None` when fewer messages exist.
+    fn json_advance(&self, s: &Arc<FStream>, from: u64, tail: u64, n: u64) -> Result<Option<u64>, StorageError> {
+        if n == 0 {
+            return Ok(Some(from));
+        }
+        let mut sc = BoundaryScanner::default();
+        let mut at = from;
+        let mut seen = 0;
+        while at < tail {
+            let end = (at + 64 * 1024).min(tail);
+            let mut parts = Vec::new();
+            self.read_range(s, at, end, &mut parts)?;
+            let mut base = at;
+            for p in parts {
+                let mut found = None;
+                sc.feed(&p, |i| {
+                    seen += 1;
+                    if seen == n {
+                        found = Some(base + i as u64);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if found.is_some() {
+                    return Ok(found);
+                }
+                base += p.len() as u64;
+            }
+            at = end;
+        }
+        Ok(None)
+    }
+}
+
+struct Committer {
+    inner: Arc<Inner>,
+    catalog: Catalog,
+    wal: Wal,
+    dirty: HashSet<u64>,
+}
+
+impl Committer {
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let mut last_checkpoint = Instant::now();
+        let mut last_touch_flush = Instant::now();
+        let mut wal_since_checkpoint = 0u64;
+        let tick = self.inner.opts.touch_flush_interval.min(Duration::from_secs(1));
+        loop {
+            let mut batch = Vec::new();
+            match rx.recv_timeout(tick) {
+                Ok(j) => batch.push(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let mut bytes = 0usize;
+            while bytes < self.inner.opts.max_batch_bytes {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        if let Job::Write { bytes: b, .. } = &j {
+                            bytes += *b as usize;
+                        }
+                        batch.push(j)
+                    }
+                    Err(_) => break,
+                }
+            }
+            if last_touch_flush.elapsed() >= self.inner.opts.touch_flush_interval {
+                last_touch_flush = Instant::now();
+                let touches: Vec<(u64, u64)> = self.inner.touches.lock().drain().collect();
+                if !touches.is_empty() {
+                    batch.push(Job::Write { record: Record::Touch(touches), stream: None, publish: Publish::None, ack: None, bytes: 0 });
+                }
+            }
+            let mut stop = false;
+            let mut checkpoint_acks = Vec::new();
+            let mut writes = Vec::new();
+            let mut barriers = Vec::new();
+            for j in batch {
+                match j {
+                    Job::Write { .. } => writes.push(j),
+                    Job::Barrier(a) => barriers.push(a),
+                    Job::Checkpoint(a) => checkpoint_acks.push(a),
+                    Job::Stop => stop = true,
+                }
+            }
+            if !writes.is_empty() {
+                wal_since_checkpoint += self.commit(writes);
+            }
+            let result = self.inner.poisoned.lock().clone().map_or(Ok(()), Err);
+            for b in barriers {
+                let _ = b.send(result.clone());
+            }
+            let due = wal_since_checkpoint > 0
+                && (last_checkpoint.elapsed() >= self.inner.opts.checkpoint_interval
+                    || wal_since_checkpoint >= self.inner.opts.checkpoint_wal_bytes);
+            if (due || !checkpoint_acks.is_empty() || stop) && !self.inner.poisoned_flag.load(Ordering::Acquire) {
+                let r = self.checkpoint().map_err(io_err);
+                if let Err(e) = &r {
+                    self.poison(e.clone());
+                } else {
+                    wal_since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
+                }
+                for a in checkpoint_acks.drain(..) {
+                    let _ = a.send(r.clone());
+                }
+            }
+            for a in checkpoint_acks {
+                let _ = a.send(Err(self.inner.poisoned.lock().clone().unwrap_or(StorageError::Io("store failed".into()))));
+            }
+            if stop {
+                break;
+            }
+        }
+    }
+
+    fn poison(&self, e: StorageError) {
+        tracing::error!(error = %e, "storage failed: refusing further writes (restart to recover)");
+        let mut p = self.inner.poisoned.lock();
+        if p.is_none() {
+            *p = Some(e);
+        }
+        self.inner.poisoned_flag.store(true, Ordering::Release);
+    }
+
+    /// Writes and syncs one batch, then applies and acknowledges it.
+    /// Returns the WAL bytes written.
+    fn commit(&mut self, jobs: Vec<Job>) -> u64 {
+        let mut buf = Vec::new();
+        for j in &jobs {
+            if let Job::Write { record, .. } = j {
+                codec::frame_record(record, &mut buf);
+            }
+        }
+        let mut result = self.inner.poisoned.lock().clone().map_or(Ok(()), Err);
+        if result.is_ok() {
+            let w = self.wal.file.write_all_at(&buf, self.wal.len).and_then(|_| self.wal.file.sync_data());
+            self.inner.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+            match w {
+                Ok(()) => self.wal.len += buf.len() as u64,
+                Err(e) => {
+                    let e = io_err(e);
+                    self.poison(e.clone());
+                    result = Err(e);
+                }
+            }
+        }
+        for j in jobs {
+            let Job::Write { record, stream, publish, ack, bytes } = j else { continue };
+            self.inner.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            if let Err(e) = &result {
+                if let Some(a) = ack {
+                    let _ = a.send(Err(e.clone()));
+                }
+                continue;
+            }
+            let mut effects = Vec::new();
+            self.catalog.apply(&record, &mut effects);
+            if let Err(e) = write_effects(&self.inner.files, &effects, &mut self.dirty) {
+                // The record is durable in the WAL (recovery rewrites the
+                // data), but this process can no longer serve it: fail-stop.
+                let e = io_err(e);
+                self.poison(e.clone());
+                result = Err(e.clone());
+                if let Some(a) = ack {
+                    let _ = a.send(Err(e));
+                }
+                continue;
+            }
+            self.inner.stats.records.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = &stream {
+                let mut st = s.state.lock();
+                match publish {
+                    Publish::None => {}
+                    Publish::Created => {
+                        st.created = true;
+                        st.durable_tail = st.durable_tail.max(s.base + record.data_len());
+                        st.durable_closed |= matches!(&record, Record::Create(c) if c.closed);
+                    }
+                    Publish::Tail { tail, closed } => {
+                        st.durable_tail = st.durable_tail.max(tail);
+                        st.durable_closed |= closed;
+                    }
+                }
+                s.publish(&st);
+            }
+            if let Some(a) = ack {
+                let _ = a.send(Ok(()));
+            }
+        }
+        buf.len() as u64
+    }
+
+    /// Syncs data files, rotates the WAL, writes the catalog, and drops the
+    /// segments it covers. Order matters: see docs/storage.md.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        let vfs = self.inner.vfs.clone();
+        let dir = self.inner.dir.clone();
+        let mut synced_dirs = HashSet::new();
+        for id in self.dirty.drain() {
+            if let Ok(f) = self.inner.files.get(id, false) {
+                f.sync_data()?;
+            }
+            if synced_dirs.insert(id % 256) {
+                vfs.sync_dir(&dir.join("data").join(format!("{:02x}", id % 256)))?;
+            }
+        }
+        if !synced_dirs.is_empty() {
+            vfs.sync_dir(&dir.join("data"))?;
+        }
+        let old = self.wal.seq;
+        self.wal = new_segment(vfs.as_ref(), &dir, old + 1)?;
+        write_checkpoint(vfs.as_ref(), &dir, &self.catalog, self.wal.seq, WAL_HEADER_LEN)?;
+        for name in vfs.list_dir(&dir.join("wal"))? {
+            if let Some(seq) = parse_wal_name(&name) {
+                if seq < self.wal.seq {
+                    vfs.remove_file(&dir.join("wal").join(name))?;
+                }
+            }
+        }
+        self.inner.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn parse_wal_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".wal")?;
+    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+}
+
+fn new_segment(vfs: &dyn Vfs, dir: &Path, seq: u64) -> io::Result<Wal> {
+    let path = dir.join("wal").join(wal_name(seq));
+    let f = vfs.open(&path, true)?;
+    f.set_len(0)?;
+    let mut hdr = WAL_MAGIC.to_vec();
+    hdr.extend_from_slice(&seq.to_le_bytes());
+    f.write_all_at(&hdr, 0)?;
+    f.sync_data()?;
+    vfs.sync_dir(&dir.join("wal"))?;
+    Ok(Wal { seq, file: f, len: WAL_HEADER_LEN })
+}
+
+fn write_checkpoint(vfs: &dyn Vfs, dir: &Path, cat: &Catalog, seg: u64, off: u64) -> io::Result<()> {
+    let tmp = dir.join("checkpoint.tmp");
+    let f = vfs.open(&tmp, true)?;
+    f.set_len(0)?;
+    f.write_all_at(&cat.encode_checkpoint(seg, off), 0)?;
+    f.sync_data()?;
+    vfs.rename(&tmp, &dir.join("checkpoint"))?;
+    vfs.sync_dir(dir)
+}
+
+fn corrupt(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Recovery (docs/storage.md): checkpoint + WAL replay, torn-tail repair,
+/// data-file repair, then a fresh checkpoint and segment.
+fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
+    vfs.create_dir_all(&dir.join("wal"))?;
+    vfs.create_dir_all(&dir.join("data"))?;
+    vfs.lock_dir(dir)?;
+    if vfs.exists(&dir.join("checkpoint.tmp")) {
+        vfs.remove_file(&dir.join("checkpoint.tmp"))?;
+    }
+    let (mut cat, start_seg, start_off) = if vfs.exists(&dir.join("checkpoint")) {
+        let buf = read_all(vfs.open(&dir.join("checkpoint"), false)?.as_ref())?;
+        Catalog::decode_checkpoint(&buf).ok_or_else(|| corrupt("checkpoint is corrupt".into()))?
+    } else {
+        (Catalog::default(), 0, WAL_HEADER_LEN)
+    };
+    let mut segs: Vec<u64> = vfs.list_dir(&dir.join("wal"))?.iter().filter_map(|n| parse_wal_name(n)).collect();
+    segs.sort_unstable();
+    let mut effects_all: Vec<Effect> = Vec::new();
+    let live_segs: Vec<u64> = segs.iter().copied().filter(|s| *s >= start_seg).collect();
+    for (i, seg) in live_segs.iter().enumerate() {
+        let path = dir.join("wal").join(wal_name(*seg));
+        let f = vfs.open(&path, false)?;
+        let buf = Bytes::from(read_all(f.as_ref())?);
+        let last = i + 1 == live_segs.len();
+        if buf.len() < WAL_HEADER_LEN as usize || &buf[..8] != WAL_MAGIC {
+            if last {
+                // A segment whose header never became durable holds no records.
+                vfs.remove_file(&path)?;
+                continue;
+            }
+            return Err(corrupt(format!("WAL segment {seg:016x} has no valid header")));
+        }
+        let scan = codec::scan_segment(&buf);
+        for (pos, r) in &scan.records {
+            if *seg == start_seg && *pos < start_off {
+                continue;
+            }
+            cat.apply(r, &mut effects_all);
+        }
+        if scan.torn {
+            if !last {
+                return Err(corrupt(format!("WAL segment {seg:016x} is corrupt at byte {}", scan.valid_end)));
+            }
+            tracing::warn!(segment = seg, at = scan.valid_end, "dropping a torn record at the WAL tail");
+            f.set_len(scan.valid_end)?;
+            f.sync_data()?;
+        }
+    }
+    finish_recovery(dir, vfs, cat, effects_all, segs)
+}
+
+fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>, segs: Vec<u64>) -> io::Result<(Catalog, Wal)> {
+    // Re-apply the replayed data to the data files (idempotent positional
+    // writes), then cut every data file to its stream's length.
+    let mut open: HashMap<u64, Arc<dyn VfsFile>> = HashMap::new();
+    let mut get = |id: u64, create: bool| -> io::Result<Option<Arc<dyn VfsFile>>> {
+        if let Some(f) = open.get(&id) {
+            return Ok(Some(f.clone()));
+        }
+        let path = FileCache::path(dir, id);
+        if !create && !vfs.exists(&path) {
+            return Ok(None);
+        }
+        if let Some(p) = path.parent() {
+            vfs.create_dir_all(p)?;
+        }
+        let f = vfs.open(&path, create)?;
+        open.insert(id, f.clone());
+        Ok(Some(f))
+    };
+    for e in &effects {
+        match e {
+            Effect::Write { id, base, start, data } => {
+                if !cat.streams.contains_key(id) {
+                    continue; // deleted later in the replay
+                }
+                let Some(f) = get(*id, true)? else { continue };
+                let mut at = start - base;
+                for d in data {
+                    f.write_all_at(d, at)?;
+                    at += d.len() as u64;
+                }
+            }
+            Effect::RemoveData { .. } => {}
+        }
+    }
+    for s in cat.streams.values() {
+        let len = s.tail - s.base;
+        match get(s.id, len > 0)? {
+            Some(f) => {
+                let have = f.len()?;
+                if have < len {
+                    return Err(corrupt(format!("data file of stream {} is {have} bytes, expected {len}", s.id)));
+                }
+                if have > len {
+                    f.set_len(len)?;
+                }
+                f.sync_data()?;
+            }
+            None if len > 0 => return Err(corrupt(format!("data file of stream {} is missing", s.id))),
+            None => {}
+        }
+    }
+    // Remove data files of streams the catalog does not know (deleted
+    // streams whose removal did not reach the disk).
+    for shard in vfs.list_dir(&dir.join("data"))? {
+        let sdir = dir.join("data").join(&shard);
+        for name in vfs.list_dir(&sdir)? {
+            let id = name.strip_suffix(".dat").and_then(|h| u64::from_str_radix(h, 16).ok());
+            if id.is_none_or(|id| !cat.streams.contains_key(&id)) {
+                vfs.remove_file(&sdir.join(&name))?;
+            }
+        }
+        vfs.sync_dir(&sdir)?;
+    }
+    vfs.sync_dir(&dir.join("data"))?;
+    let next = segs.last().copied().unwrap_or(0) + 1;
+    let wal = new_segment(vfs, dir, next)?;
+    write_checkpoint(vfs, dir, &cat, wal.seq, WAL_HEADER_LEN)?;
+    for seq in segs {
+        let p = dir.join("wal").join(wal_name(seq));
+        if vfs.exists(&p) {
+            vfs.remove_file(&p)?;
+        }
+    }
+    vfs.sync_dir(&dir.join("wal"))?;
+    Ok((cat, wal))
+}
+
+fn same_config(s: &FStream, st: &PState, req: &CreateRequest) -> bool {
+    let ct_matches = match &req.content_type {
+        Some(ct) => media_type(ct) == media_type(&s.content_type),
+        None => s.fork.is_some() || media_type(&s.content_type) == "application/octet-stream",
+    };
+    ct_matches && s.requested_expiry == req.expiry && st.closed == req.closed && s.fork == req.fork
+}
+
+async fn await_ack(rx: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), StorageError> {
+    rx.await.map_err(|_| StorageError::Io("committer stopped".into()))?
+}
+
+impl FileEngine {
+    /// Resolves a fork's source and divergence point against the source's
+    /// durable tail (clients only ever saw durable offsets).
+    fn resolve_fork(inner: &Inner, src: &Arc<FStream>, spec: &ForkSpec) -> Result<u64, StorageError> {
+        let tail = src.state.lock().durable_tail;
+        let anchor = match spec.offset {
+            Some(o) if o.0 > tail => return Err(StorageError::ForkOffsetBeyondTail),
+            Some(o) => o.0,
+            None => tail,
+        };
+        if spec.sub_offset == 0 {
+            return Ok(anchor);
+        }
+        if src.json {
+            inner.json_advance(src, anchor, tail, spec.sub_offset)?.ok_or(StorageError::ForkSubOffsetOvershoot)
+        } else {
+            match anchor.checked_add(spec.sub_offset) {
+                Some(p) if p <= tail => Ok(p),
+                _ => Err(StorageError::ForkSubOffsetOvershoot),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Engine for FileEngine {
+    async fn create(&self, path: &str, req: CreateRequest) -> Result<CreateOutcome, StorageError> {
+        let inner = &self.inner;
+        let existing = inner.registry.read().get(path).cloned();
+        if let Some(existing) = existing {
+            match inner.live(path).await {
+                Ok(s) => {
+                    let st = s.state.lock();
+                    return if same_config(&s, &st, &req) {
+                        Ok(CreateOutcome::Existed(s.meta(&st)))
+                    } else {
+                        Err(StorageError::ConfigMismatch)
+                    };
+                }
+                Err(StorageError::Gone) => return Err(StorageError::ConfigMismatch),
+                Err(StorageError::NotFound) => {} // expired just now: re-create
+                Err(e) => return Err(e),
+            }
+            let _ = existing;
+        }
+        inner.check_writable()?;
+        let (source, base, content_type, json, expiry) = match &req.fork {
+            None => {
+                let ct = req.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+                (None, 0, ct, req.json, req.expiry.clone())
+            }
+            Some(spec) => {
+                let src = match inner.live(&spec.source).await {
+                    Ok(s) => s,
+                    Err(StorageError::NotFound) => return Err(StorageError::ForkSourceNotFound),
+                    Err(StorageError::Gone) => return Err(StorageError::ForkSourceGone),
+                    Err(e) => return Err(e),
+                };
+                if let Some(ct) = &req.content_type {
+                    if media_type(ct) != media_type(&src.content_type) {
+                        return Err(StorageError::ContentTypeMismatch);
+                    }
+                }
+                let point = Self::resolve_fork(inner, &src, spec)?;
+                let expiry = match (&req.expiry, &src.state.lock().expiry) {
+                    (Expiry::Never, inherited) => inherited.clone(),
+                    (own, _) => own.clone(),
+                };
+                (Some(src.clone()), point, src.content_type.clone(), src.json, expiry)
+            }
+        };
+        let now = inner.clock.now_ms();
+        let data: Vec<Bytes> = req.records.iter().filter(|r| !r.is_empty()).cloned().collect();
+        let len: u64 = data.iter().map(|b| b.len() as u64).sum();
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (signal, _) = watch::channel(Signal { tail: Offset(base), closed: false, gone: false });
+        let stream = Arc::new(FStream {
+            id,
+            path: path.to_owned(),
+            content_type: content_type.clone(),
+            json,
+            base,
+            source: source.clone(),
+            requested_expiry: req.expiry.clone(),
+            fork: req.fork.clone(),
+            state: Mutex::new(PState {
+                tail: base + len,
+                closed: req.closed,
+                closed_by: None,
+                producers: HashMap::new(),
+                last_stream_seq: None,
+                expiry: expiry.clone(),
+                last_access_ms: now,
+                soft_deleted: false,
+                detached: false,
+                fork_refs: 0,
+                removed: false,
+                created: false,
+                durable_tail: base,
+                durable_closed: false,
+            }),
+            signal,
+        });
+        let record = Record::Create(CreateRec {
+            id,
+            path: path.to_owned(),
+            content_type,
+            json,
+            expiry,
+            requested_expiry: req.expiry.clone(),
+            closed: req.closed,
+            now_ms: now,
+            fork: req.fork.as_ref().zip(source.as_ref()).map(|(spec, src)| ForkRec { source_id: src.id, fork_offset: base, spec: spec.clone() }),
+            data,
+        });
+        let raced = {
+            let mut reg = inner.registry.write();
+            match reg.get(path).cloned() {
+                Some(existing) => {
+                    // Lost a race with a concurrent create of the same path.
+                    let st = existing.state.lock();
+                    let ok = !st.soft_deleted && !is_expired(&st, now) && same_config(&existing, &st, &req);
+                    drop(st);
+                    if !ok {
+                        return Err(StorageError::ConfigMismatch);
+                    }
+                    Err(existing)
+                }
+                None => {
+                    if let Some(src) = &source {
+                        let mut sst = src.state.lock();
+                        if sst.removed || sst.detached {
+                            return Err(StorageError::ForkSourceNotFound);
+                        }
+                        if sst.soft_deleted {
+                            return Err(StorageError::ForkSourceGone);
+                        }
+                        sst.fork_refs += 1;
+                    }
+                    reg.insert(path.to_owned(), stream.clone());
+                    Ok(inner.submit(record, Some(stream.clone()), Publish::Created)?)
+                }
+            }
+        };
+        let rx = match raced {
+            Ok(rx) => rx,
+            Err(existing) => {
+                inner.barrier().await?;
+                let st = existing.state.lock();
+                return Ok(CreateOutcome::Existed(existing.meta(&st)));
+            }
+        };
+        await_ack(rx).await?;
+        let st = stream.state.lock();
+        Ok(CreateOutcome::Created(stream.meta(&st)))
+    }
+
+    async fn append(&self, path: &str, req: AppendRequest) -> Result<AppendOutcome, StorageError> {
+        let inner = &self.inner;
+        let s = inner.live(path).await?;
+        inner.check_writable()?;
+        enum Next {
+            Wait(oneshot::Receiver<Result<(), StorageError>>, u64, bool, Option<(u64, u64)>),
+            Dup(u64, u64),
+            AlreadyClosed,
+        }
+        let next = {
+            let mut st = s.state.lock();
+            if st.removed {
+                return Err(StorageError::NotFound);
+            }
+            let now = inner.clock.now_ms();
+            if st.closed {
+                if let (Some(p), Some((id, e, q))) = (&req.producer, st.closed_by.clone()) {
+                    if p.id == id && p.epoch == e && p.seq == q {
+                        st.last_access_ms = now;
+                        inner.touches.lock().insert(s.id, now);
+                        Next::Dup(e, q)
+                    } else {
+                        return Err(StorageError::Closed { tail: Offset(st.tail) });
+                    }
+                } else if req.records.is_empty() && req.close {
+                    st.last_access_ms = now;
+                    inner.touches.lock().insert(s.id, now);
+                    Next::AlreadyClosed
+                } else {
+                    return Err(StorageError::Closed { tail: Offset(st.tail) });
+                }
+            } else {
+                if !req.records.is_empty() {
+                    let ct = req.content_type.as_deref().unwrap_or("");
+                    if media_type(ct) != media_type(&s.content_type) {
+                        return Err(StorageError::ContentTypeMismatch);
+                    }
+                }
+                let mut dup = None;
+                if let Some(ProducerHeaders { id, epoch, seq }) = &req.producer {
+                    if let ProducerCheck::Duplicate { epoch, last_seq } = check_producer(st.producers.get(id).copied(), *epoch, *seq)? {
+                        dup = Some((epoch, last_seq));
+                    }
+                }
+                if let Some((e, q)) = dup {
+                    st.last_access_ms = now;
+                    inner.touches.lock().insert(s.id, now);
+                    Next::Dup(e, q)
+                } else {
+                    if let Some(seq) = &req.stream_seq {
+                        if st.last_stream_seq.as_ref().is_some_and(|last| seq.as_bytes() <= last.as_bytes()) {
+                            return Err(StorageError::SeqRegression);
+                        }
+                    }
+                    let data: Vec<Bytes> = req.records.into_iter().filter(|r| !r.is_empty()).collect();
+                    let len: u64 = data.iter().map(|b| b.len() as u64).sum();
+                    let start = st.tail;
+                    st.tail += len;
+                    let producer = req.producer.map(|p| (p.id, p.epoch, p.seq));
+                    let accepted = producer.as_ref().map(|(_, e, q)| (*e, *q));
+                    if let Some((id, e, q)) = &producer {
+                        st.producers.insert(id.clone(), ProducerState { epoch: *e, last_seq: *q });
+                        if req.close {
+                            st.closed_by = Some((id.clone(), *e, *q));
+                        }
+                    }
+                    if let Some(seq) = &req.stream_seq {
+                        st.last_stream_seq = Some(seq.clone());
+                    }
+                    st.closed |= req.close;
+                    st.last_access_ms = now;
+                    let record = Record::Append(AppendRec {
+                        id: s.id,
+                        start,
+                        now_ms: now,
+                        close: req.close,
+                        producer,
+                        stream_seq: req.stream_seq,
+                        data,
+                    });
+                    let tail = st.tail;
+                    let closed = st.closed;
+                    // Queued while the stream's lock is held: WAL order is
+                    // validation order (invariant 3).
+                    let rx = inner.submit(record, Some(s.clone()), Publish::Tail { tail, closed })?;
+                    Next::Wait(rx, tail, closed, accepted)
+                }
+            }
+        };
+        match next {
+            Next::Wait(rx, tail, closed, producer) => {
+                await_ack(rx).await?;
+                let st = s.state.lock();
+                let mut meta = s.meta(&st);
+                meta.tail = Offset(tail);
+                meta.closed = closed;
+                Ok(AppendOutcome::Applied { meta, producer })
+            }
+            Next::Dup(epoch, seq) => {
+                // The original may still be in flight: answer once it is durable.
+                inner.barrier().await?;
+                let st = s.state.lock();
+                Ok(AppendOutcome::Duplicate { meta: s.meta(&st), epoch, seq })
+            }
+            Next::AlreadyClosed => {
+                inner.barrier().await?;
+                let st = s.state.lock();
+                Ok(AppendOutcome::AlreadyClosed { meta: s.meta(&st) })
+            }
+        }
+    }
+
+    async fn head(&self, path: &str) -> Result<StreamMeta, StorageError> {
+        let s = self.inner.live(path).await?;
+        let st = s.state.lock();
+        Ok(s.meta(&st))
+    }
+
+    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> Result<ReadChunk, StorageError> {
+        let inner = self.inner.clone();
+        let s = inner.live(path).await?;
+        let meta = {
+            let mut st = s.state.lock();
+            let now = inner.clock.now_ms();
+            st.last_access_ms = now;
+            if matches!(st.expiry, Expiry::TtlSecs(_)) {
+                inner.touches.lock().insert(s.id, now);
+            }
+            s.meta(&st)
+        };
+        let tail = meta.tail.0;
+        let start = match from {
+            ReadFrom::Start => 0,
+            ReadFrom::Tail => tail,
+            ReadFrom::At(o) if o.0 > tail => return Err(StorageError::OffsetBeyondTail),
+            ReadFrom::At(o) => o.0,
+        };
+        let max = max_bytes.max(1) as u64;
+        let s2 = s.clone();
+        let (next, data) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Bytes>), StorageError> {
+            let mut end = tail.min(start.saturating_add(max));
+            let mut data = Vec::new();
+            inner.read_range(&s2, start, end, &mut data)?;
+            if s2.json && end < tail {
+                // Cut at the last message boundary inside the budget; a
+                // single message larger than the budget is returned whole.
+                let mut sc = BoundaryScanner::default();
+                let mut last = None;
+                let mut at = start;
+                for d in &data {
+                    sc.feed(d, |i| {
+                        last = Some(at + i as u64);
+                        true
+                    });
+                    at += d.len() as u64;
+                }
+                match last {
+                    Some(cut) => end = cut,
+                    None => {
+                        let cut = inner.json_advance(&s2, end, tail, 1)?.unwrap_or(tail);
+                        // `end` was mid-message: continue the same scan.
+                        let mut more = Vec::new();
+                        inner.read_range(&s2, end, cut, &mut more)?;
+                        data.extend(more);
+                        end = cut;
+                        let _ = sc;
+                    }
+                }
+                let mut trimmed = Vec::new();
+                let mut at = start;
+                for d in data {
+                    if at >= end {
+                        break;
+                    }
+                    let take = ((end - at) as usize).min(d.len());
+                    trimmed.push(d.slice(..take));
+                    at += d.len() as u64;
+                }
+                data = trimmed;
+            }
+            Ok((end, data))
+        })
+        .await
+        .map_err(|e| StorageError::Io(e.to_string()))??;
+        let mut meta = meta;
+        if next != tail {
+            meta.closed = meta.closed && next == tail;
+        }
+        Ok(ReadChunk { meta, start: Offset(start), next: Offset(next), data })
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), StorageError> {
+        let s = self.inner.live(path).await?;
+        self.inner.check_writable()?;
+        match self.inner.remove_live(path, &s, false) {
+            Some(rx) => await_ack(rx).await,
+            None => Err(StorageError::NotFound),
+        }
+    }
+
+    async fn watch(&self, path: &str) -> Result<watch::Receiver<Signal>, StorageError> {
+        let s = self.inner.live(path).await?;
+        Ok(s.signal.subscribe())
+    }
+
+    async fn sweep_expired(&self) -> usize {
+        let now = self.inner.clock.now_ms();
+        let expired: Vec<(String, Arc<FStream>)> = self
+            .inner
+            .registry
+            .read()
+            .iter()
+            .filter(|(_, s)| is_expired(&s.state.lock(), now))
+            .map(|(p, s)| (p.clone(), s.clone()))
+            .collect();
+        for (p, s) in &expired {
+            let _ = self.inner.remove_live(p, s, true);
+        }
+        expired.len()
+    }
+
+    async fn shutdown(&self) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.close()).await;
+    }
+}

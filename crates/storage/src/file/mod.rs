@@ -1,0 +1,10 @@
+//! The durable file engine. Design, byte layout, invariants and recovery:
+//! `docs/storage.md`.
+
+pub mod catalog;
+pub mod codec;
+mod engine;
+pub mod sim;
+pub mod vfs;
+
+pub use engine::{FileEngine, FileOptions, FileStats};
