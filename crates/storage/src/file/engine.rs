@@ -833,10 +833,17 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
         if !create && !vfs.exists(&path) {
             return Ok(None);
         }
+        let existed = vfs.exists(&path);
         if let Some(p) = path.parent() {
             vfs.create_dir_all(p)?;
         }
         let f = vfs.open(&path, create)?;
+        if !existed {
+            // A new name is durable only once its directory is synced.
+            if let Some(p) = path.parent() {
+                vfs.sync_dir(p)?;
+            }
+        }
         open.insert(id, f.clone());
         Ok(Some(f))
     };
@@ -877,6 +884,9 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
     // streams whose removal did not reach the disk).
     for shard in vfs.list_dir(&dir.join("data"))? {
         let sdir = dir.join("data").join(&shard);
+        if vfs.list_dir(&sdir).is_err() {
+            continue;
+        }
         for name in vfs.list_dir(&sdir)? {
             let id = name.strip_suffix(".dat").and_then(|h| u64::from_str_radix(h, 16).ok());
             if id.is_none_or(|id| !cat.streams.contains_key(&id)) {
@@ -1084,14 +1094,14 @@ impl Engine for FileEngine {
             }
             let now = inner.clock.now_ms();
             if st.closed {
-                if let (Some(p), Some((id, e, q))) = (&req.producer, st.closed_by.clone()) {
-                    if p.id == id && p.epoch == e && p.seq == q {
-                        st.last_access_ms = now;
-                        inner.touches.lock().insert(s.id, now);
-                        Next::Dup(e, q)
-                    } else {
-                        return Err(StorageError::Closed { tail: Offset(st.tail) });
-                    }
+                let closer = match (&req.producer, &st.closed_by) {
+                    (Some(p), Some((id, e, q))) if &p.id == id && p.epoch == *e && p.seq == *q => Some((*e, *q)),
+                    _ => None,
+                };
+                if let Some((e, q)) = closer {
+                    st.last_access_ms = now;
+                    inner.touches.lock().insert(s.id, now);
+                    Next::Dup(e, q)
                 } else if req.records.is_empty() && req.close {
                     st.last_access_ms = now;
                     inner.touches.lock().insert(s.id, now);

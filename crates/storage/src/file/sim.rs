@@ -219,12 +219,16 @@ impl Vfs for SimVfs {
     }
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
         let fs = self.fs.lock();
-        Ok(fs
+        let mut out: Vec<String> = fs
             .names
             .keys()
+            .chain(fs.dirs.iter())
             .filter(|p| p.parent() == Some(path))
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .collect())
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
     fn exists(&self, path: &Path) -> bool {
         let fs = self.fs.lock();
