@@ -712,17 +712,23 @@ impl Committer {
     fn checkpoint(&mut self) -> io::Result<()> {
         let vfs = self.inner.vfs.clone();
         let dir = self.inner.dir.clone();
-        let mut synced_dirs = HashSet::new();
-        for id in self.dirty.drain() {
-            if let Ok(f) = self.inner.files.get(id, false) {
-                f.sync_data()?;
+        let dirty: Vec<u64> = self.dirty.drain().collect();
+        // Many files: one file-system-wide sync beats one sync per file.
+        if !(dirty.len() > 16 && vfs.sync_filesystem(&dir.join("data"))?) {
+            let mut shards = HashSet::new();
+            for id in &dirty {
+                // A file removed since it was written needs no sync.
+                if let Ok(f) = self.inner.files.get(*id, false) {
+                    f.sync_data()?;
+                }
+                shards.insert(id % 256);
             }
-            if synced_dirs.insert(id % 256) {
-                vfs.sync_dir(&dir.join("data").join(format!("{:02x}", id % 256)))?;
+            for s in &shards {
+                vfs.sync_dir(&dir.join("data").join(format!("{s:02x}")))?;
             }
-        }
-        if !synced_dirs.is_empty() {
-            vfs.sync_dir(&dir.join("data"))?;
+            if !shards.is_empty() {
+                vfs.sync_dir(&dir.join("data"))?;
+            }
         }
         let old = self.wal.seq;
         self.wal = new_segment(vfs.as_ref(), &dir, old + 1)?;
@@ -823,44 +829,44 @@ fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
 
 fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>, segs: Vec<u64>) -> io::Result<(Catalog, Wal)> {
     // Re-apply the replayed data to the data files (idempotent positional
-    // writes), then cut every data file to its stream's length.
-    let mut open: HashMap<u64, Arc<dyn VfsFile>> = HashMap::new();
+    // writes), then cut every data file to its stream's length. At most 64
+    // files are open at once, whatever the number of streams.
+    let mut open: lru::LruCache<u64, Arc<dyn VfsFile>> =
+        lru::LruCache::new(std::num::NonZeroUsize::new(64).unwrap_or(std::num::NonZeroUsize::MIN));
+    let mut new_dirs: HashSet<PathBuf> = HashSet::new();
     let mut get = |id: u64, create: bool| -> io::Result<Option<Arc<dyn VfsFile>>> {
         if let Some(f) = open.get(&id) {
             return Ok(Some(f.clone()));
         }
         let path = FileCache::path(dir, id);
-        if !create && !vfs.exists(&path) {
+        let existed = vfs.exists(&path);
+        if !create && !existed {
             return Ok(None);
         }
-        let existed = vfs.exists(&path);
         if let Some(p) = path.parent() {
             vfs.create_dir_all(p)?;
+            if !existed {
+                // A new name is durable only once its directory is synced.
+                new_dirs.insert(p.to_path_buf());
+            }
         }
         let f = vfs.open(&path, create)?;
-        if !existed {
-            // A new name is durable only once its directory is synced.
-            if let Some(p) = path.parent() {
-                vfs.sync_dir(p)?;
-            }
-        }
-        open.insert(id, f.clone());
+        open.put(id, f.clone());
         Ok(Some(f))
     };
+    let mut touched: HashSet<u64> = HashSet::new();
     for e in &effects {
-        match e {
-            Effect::Write { id, base, start, data } => {
-                if !cat.streams.contains_key(id) {
-                    continue; // deleted later in the replay
-                }
-                let Some(f) = get(*id, true)? else { continue };
-                let mut at = start - base;
-                for d in data {
-                    f.write_all_at(d, at)?;
-                    at += d.len() as u64;
-                }
+        if let Effect::Write { id, base, start, data } = e {
+            if !cat.streams.contains_key(id) {
+                continue; // deleted later in the replay
             }
-            Effect::RemoveData { .. } => {}
+            let Some(f) = get(*id, true)? else { continue };
+            let mut at = start - base;
+            for d in data {
+                f.write_all_at(d, at)?;
+                at += d.len() as u64;
+            }
+            touched.insert(*id);
         }
     }
     for s in cat.streams.values() {
@@ -873,12 +879,20 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
                 }
                 if have > len {
                     f.set_len(len)?;
+                    touched.insert(s.id);
                 }
-                f.sync_data()?;
+                // Files untouched by the replay were synced by the checkpoint.
+                if touched.contains(&s.id) {
+                    f.sync_data()?;
+                }
             }
             None if len > 0 => return Err(corrupt(format!("data file of stream {} is missing", s.id))),
             None => {}
         }
+    }
+    drop(get);
+    for d in &new_dirs {
+        vfs.sync_dir(d)?;
     }
     // Remove data files of streams the catalog does not know (deleted
     // streams whose removal did not reach the disk).
