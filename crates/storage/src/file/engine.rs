@@ -337,6 +337,7 @@ impl FileEngine {
         let _ = self.inner.tx.lock().send(Job::Stop);
         if let Some(h) = self.inner.committer.lock().take() {
             let _ = h.join();
+            self.inner.vfs.unlock_dir(&self.inner.dir);
         }
     }
 }

@@ -29,8 +29,12 @@ pub trait Vfs: Send + Sync + Debug + 'static {
     /// File names (not paths) in a directory; empty if it does not exist.
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
     fn exists(&self, path: &Path) -> bool;
-    /// Takes the data directory's exclusive lock (held until process exit).
+    /// Takes the data directory's exclusive lock (held until `unlock_dir`
+    /// or process exit).
     fn lock_dir(&self, dir: &Path) -> io::Result<()>;
+
+    /// Releases the lock taken by `lock_dir`.
+    fn unlock_dir(&self, _dir: &Path) {}
 
     /// Makes everything written on the file system holding `dir` durable
     /// (data and directory entries) in one call, if the file system can.
@@ -43,7 +47,7 @@ pub trait Vfs: Send + Sync + Debug + 'static {
 /// The real file system.
 #[derive(Debug, Default)]
 pub struct StdVfs {
-    locks: parking_lot::Mutex<Vec<std::fs::File>>,
+    locks: parking_lot::Mutex<Vec<(PathBuf, std::fs::File)>>,
 }
 
 #[derive(Debug)]
@@ -68,6 +72,11 @@ impl VfsFile for StdFile {
 }
 
 impl Vfs for StdVfs {
+    fn unlock_dir(&self, dir: &Path) {
+        // Dropping the file releases the lock.
+        self.locks.lock().retain(|(d, _)| d != dir);
+    }
+
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VfsFile>> {
         let f = std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
         Ok(Arc::new(StdFile(f)))
@@ -106,7 +115,7 @@ impl Vfs for StdVfs {
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
         match f.try_lock() {
             Ok(()) => {
-                self.locks.lock().push(f);
+                self.locks.lock().push((dir.to_path_buf(), f));
                 Ok(())
             }
             Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
