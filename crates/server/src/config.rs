@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Interval of the background sweep of expired streams.
     pub sweep_interval: Duration,
+    /// How long an idempotent producer's out-of-order request waits for its
+    /// predecessor before the 409 sequence-gap answer (0 disables).
+    pub producer_reorder_wait: Duration,
 }
 
 /// Longest stream path accepted, in bytes after percent-decoding.
@@ -50,6 +53,7 @@ impl Default for ServerConfig {
             max_connections: 60_000,
             shutdown_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
+            producer_reorder_wait: Duration::from_millis(20),
         }
     }
 }

@@ -182,7 +182,7 @@ async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -
     let has_data = !records.is_empty();
     let req = AppendRequest { content_type, records, close, producer, stream_seq };
     let mut resp;
-    match state.engine.append(path, req).await? {
+    match append_tolerating_reorder(state, path, req).await? {
         AppendOutcome::Applied { meta, producer } => {
             let status = if producer.is_some() && has_data { StatusCode::OK } else { StatusCode::NO_CONTENT };
             resp = empty(status);
@@ -207,6 +207,38 @@ async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -
         }
     }
     Ok(resp)
+}
+
+/// Appends; when an idempotent producer's request arrives ahead of its
+/// predecessor (a sequence gap, typically two pipelined requests reordered
+/// on different connections), waits a bounded few milliseconds for the
+/// stream to change and tries again, so a correct pipelining client never
+/// sees a spurious 409. If the predecessor does not come, the spec's 409
+/// with Producer-Expected-Seq is returned.
+async fn append_tolerating_reorder(
+    state: &AppState,
+    path: &str,
+    req: AppendRequest,
+) -> Result<AppendOutcome, durable_streams_storage::StorageError> {
+    use durable_streams_storage::StorageError;
+    let wait = state.config.producer_reorder_wait;
+    if req.producer.is_none() || wait.is_zero() {
+        return state.engine.append(path, req).await;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        // Subscribe before trying so a change in between is not missed.
+        let mut rx = state.engine.watch(path).await?;
+        match state.engine.append(path, req.clone()).await {
+            Err(StorageError::SeqGap { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return state.engine.append(path, req).await },
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 async fn head(state: &AppState, path: &str) -> Result<Response, ApiError> {

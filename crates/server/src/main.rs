@@ -65,6 +65,10 @@ struct ServeArgs {
     /// Maximum concurrent connections; further connections wait to be accepted.
     #[arg(long, default_value_t = 60_000)]
     max_connections: usize,
+    /// How long an idempotent producer's out-of-order request (a sequence
+    /// gap) waits for its predecessor before answering 409 (0 disables).
+    #[arg(long, value_parser = duration, default_value = "20ms")]
+    producer_reorder_wait: Duration,
     /// URL path under which streams live.
     #[arg(long, default_value = "/v1/stream")]
     path_prefix: String,
@@ -104,6 +108,7 @@ fn config_from(a: &ServeArgs) -> anyhow::Result<ServerConfig> {
         max_live_readers_per_stream: a.max_live_readers_per_stream,
         max_connections: a.max_connections,
         shutdown_grace: a.shutdown_grace,
+        producer_reorder_wait: a.producer_reorder_wait,
         ..ServerConfig::default()
     })
 }
