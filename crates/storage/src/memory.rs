@@ -389,7 +389,10 @@ fn same_config(s: &Stream, st: &State, req: &CreateRequest) -> bool {
 impl Engine for MemoryEngine {
     async fn create(&self, path: &str, req: CreateRequest) -> Result<CreateOutcome, StorageError> {
         // Idempotent re-creation check first (a soft-deleted path blocks re-creation).
-        if let Some(existing) = self.streams.read().get(path).cloned() {
+        // Bound first: a guard in an `if let` scrutinee lives through the
+        // block, and `remove` below takes the write lock (self-deadlock).
+        let existing = self.streams.read().get(path).cloned();
+        if let Some(existing) = existing {
             let now = self.clock.now_ms();
             let st = existing.state.lock();
             if st.soft_deleted {
