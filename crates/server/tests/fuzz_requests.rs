@@ -905,8 +905,21 @@ impl History {
     }
 }
 
+/// In-memory engine: no 5xx, no hang, witnesses unchanged.
 #[test]
 fn random_requests_never_5xx_never_hang_and_leave_witnesses_intact() {
+    run_fuzz(None);
+}
+
+/// File engine (on a fresh data directory): the same property.
+#[test]
+fn random_requests_against_the_file_engine() {
+    let dir = std::env::temp_dir().join(format!("ds-fuzz-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    run_fuzz(Some(dir.clone()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn run_fuzz(data_dir: Option<std::path::PathBuf>) {
     let started = Instant::now();
     let server_rt = ServerRuntime(Some(
         tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap(),
@@ -917,8 +930,13 @@ fn random_requests_never_5xx_never_hang_and_leave_witnesses_intact() {
     let listener = srt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = durable_streams_server::Server::builder().long_poll_timeout(Duration::from_millis(50));
+    if let Some(dir) = &data_dir {
+        let engine = durable_streams_storage::FileEngine::open(dir, durable_streams_storage::FileOptions::default()).unwrap();
+        builder = builder.engine(std::sync::Arc::new(engine));
+    }
     let server =
-        srt.spawn(durable_streams_server::Server::builder().long_poll_timeout(Duration::from_millis(50)).build().run(
+        srt.spawn(builder.build().run(
             listener,
             async move {
                 let _ = stop_rx.await;
