@@ -11,9 +11,9 @@ cargo test --workspace --locked
 
 echo "== conformance suite (in-memory engine)"
 cargo build --release --locked -p durable-streams-server
-SKIP_BUILD=1 NO_COLOR=1 scripts/conformance.sh
+CONFORMANCE_SUBSCRIPTIONS=1 SKIP_BUILD=1 NO_COLOR=1 scripts/conformance.sh
 
 echo "== conformance suite (file engine)"
 data_dir="$(mktemp -d)"
 trap 'rm -rf "$data_dir"' EXIT
-SKIP_BUILD=1 NO_COLOR=1 scripts/conformance.sh --data-dir "$data_dir"
+CONFORMANCE_SUBSCRIPTIONS=1 SKIP_BUILD=1 NO_COLOR=1 scripts/conformance.sh --data-dir "$data_dir"

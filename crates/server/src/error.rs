@@ -21,8 +21,6 @@ pub enum ApiError {
     PayloadTooLarge(u64),
     #[error("too many live readers; retry later")]
     TooManyReaders,
-    #[error("the reserved __ds subscription API is not implemented by this server yet")]
-    ReservedNotImplemented,
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("server is shutting down")]
@@ -41,7 +39,6 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyReaders | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::ReservedNotImplemented => StatusCode::NOT_IMPLEMENTED,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Storage(e) => match e {
                 S::NotFound | S::ForkSourceNotFound => StatusCode::NOT_FOUND,

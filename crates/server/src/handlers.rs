@@ -28,7 +28,7 @@ pub async fn dispatch(state: Arc<AppState>, method: Method, uri: Uri, headers: H
     let path = match target {
         // Reserved for the subscription API (PROTOCOL.md 6): routed before
         // streams so no application stream can claim it.
-        Target::Reserved => return ApiError::ReservedNotImplemented.into_response(),
+        Target::Reserved(rel) => return crate::subscriptions_http::dispatch(&state, method, &rel, &headers, body).await,
         Target::Stream(p) => p,
     };
     let result = match method {
@@ -129,6 +129,10 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
         if let Some(hook) = &state.hooks.on_stream_created {
             hook(&StreamEvent { path: path.to_owned(), content_type: meta.content_type.clone() });
         }
+        state.subscriptions.stream_created(path);
+        if meta.tail.0 > 0 {
+            state.subscriptions.stream_changed(path);
+        }
     }
     Ok(resp)
 }
@@ -184,6 +188,9 @@ async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -
     let mut resp;
     match append_tolerating_reorder(state, path, req).await? {
         AppendOutcome::Applied { meta, producer } => {
+            if has_data {
+                state.subscriptions.stream_changed(path);
+            }
             let status = if producer.is_some() && has_data { StatusCode::OK } else { StatusCode::NO_CONTENT };
             resp = empty(status);
             set_offset(&mut resp, meta.tail);

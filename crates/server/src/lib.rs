@@ -18,6 +18,8 @@ pub mod layers;
 pub mod live;
 pub mod request;
 pub mod state;
+pub mod subscriptions;
+mod subscriptions_http;
 
 pub use config::ServerConfig;
 pub use error::ApiError;
@@ -41,6 +43,7 @@ pub struct ServerBuilder {
     config: ServerConfig,
     engine: Option<Arc<dyn Engine>>,
     hooks: Hooks,
+    subscriptions_dir: Option<std::path::PathBuf>,
 }
 
 impl ServerBuilder {
@@ -80,9 +83,26 @@ impl ServerBuilder {
         self.hooks.on_stream_deleted = Some(Arc::new(f));
         self
     }
-    pub fn build(self) -> Server {
+    /// Directory where subscription state and the webhook signing key are
+    /// persisted (the server binary uses `DATA_DIR/subscriptions`). Without
+    /// it subscriptions live in memory with a per-process key.
+    pub fn subscriptions_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.subscriptions_dir = Some(dir.into());
+        self
+    }
+    /// Builds the server; fails only if persisted subscription state cannot be read.
+    pub fn try_build(self) -> std::io::Result<Server> {
         let engine = self.engine.unwrap_or_else(|| Arc::new(MemoryEngine::new()));
-        Server { state: Arc::new(AppState::new(engine, self.config, self.hooks)) }
+        let subs = Arc::new(subscriptions::Subscriptions::open(engine.clone(), self.subscriptions_dir)?);
+        Ok(Server { state: Arc::new(AppState::new(engine, subs, self.config, self.hooks)) })
+    }
+    /// Builds the server. Panics if persisted subscription state cannot be
+    /// read; use [`ServerBuilder::try_build`] to handle that.
+    pub fn build(self) -> Server {
+        match self.try_build() {
+            Ok(s) => s,
+            Err(e) => panic!("cannot open subscription state: {e}"),
+        }
     }
 }
 
@@ -128,6 +148,7 @@ impl Server {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let conn_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
         let sweeper = tokio::spawn(sweep(self.state.clone()));
+        let waker = tokio::spawn(self.state.subscriptions.clone().run(self.state.shutdown.clone()));
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -160,6 +181,7 @@ impl Server {
         tracing::info!("shutting down: draining connections");
         self.state.shutdown.cancel();
         sweeper.abort();
+        waker.abort();
         drop(listener);
         if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown()).await.is_err() {
             tracing::warn!("grace period over; closing remaining connections");

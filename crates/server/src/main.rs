@@ -168,6 +168,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, prefix = %config.path_prefix, engine = engine_name, "durable-streams-server listening");
-    Server::builder().config(config).engine(engine).build().run(listener, shutdown_signal()).await?;
+    let mut builder = Server::builder().config(config).engine(engine);
+    if let Some(dir) = &args.data_dir {
+        builder = builder.subscriptions_dir(dir.join("subscriptions"));
+    }
+    let server = builder.try_build().context("cannot open subscription state")?;
+    server.run(listener, shutdown_signal()).await?;
     Ok(())
 }

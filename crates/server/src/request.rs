@@ -15,8 +15,8 @@ use http_body_util::BodyExt;
 pub enum Target {
     /// A stream, by its root-relative path (percent-decoded once).
     Stream(String),
-    /// The reserved `__ds` control namespace.
-    Reserved,
+    /// The reserved `__ds` control namespace, with the decoded root-relative path.
+    Reserved(String),
 }
 
 /// Resolves a raw request path (still percent-encoded) against the prefix.
@@ -53,7 +53,7 @@ pub fn validate_stream_path(encoded: &str) -> Result<Target, ApiError> {
         }
     }
     if decoded.split('/').next() == Some("__ds") {
-        return Ok(Target::Reserved);
+        return Ok(Target::Reserved(decoded.into_owned()));
     }
     Ok(Target::Stream(decoded.into_owned()))
 }
@@ -70,7 +70,7 @@ pub fn resolve_fork_source(prefix: &str, value: &str) -> Result<String, ApiError
     };
     match rel {
         Target::Stream(p) => Ok(p),
-        Target::Reserved => Err(ApiError::bad_request("cannot fork a reserved __ds path")),
+        Target::Reserved(_) => Err(ApiError::bad_request("cannot fork a reserved __ds path")),
     }
 }
 
@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(ok("/v1/stream/a/b"), Target::Stream("a/b".into()));
         assert_eq!(ok("/v1/stream/a%20b"), Target::Stream("a b".into()));
         assert_eq!(ok("/v1/stream/a%252F"), Target::Stream("a%2F".into()));
-        assert_eq!(ok("/v1/stream/__ds/subscriptions/x"), Target::Reserved);
+        assert_eq!(ok("/v1/stream/__ds/subscriptions/x"), Target::Reserved("__ds/subscriptions/x".into()));
         assert!(resolve_path("/v1/stream", "/v1/streamx").is_none());
         assert!(resolve_path("/v1/stream", "/other").is_none());
         for bad in ["/v1/stream/", "/v1/stream/a//b", "/v1/stream/a/../b", "/v1/stream/%2e%2e", "/v1/stream/a%00", "/v1/stream/a/", "/v1/stream/%ff"] {

@@ -38,6 +38,7 @@ impl std::fmt::Debug for Hooks {
 #[derive(Debug)]
 pub struct AppState {
     pub engine: Arc<dyn Engine>,
+    pub subscriptions: Arc<crate::subscriptions::Subscriptions>,
     pub config: ServerConfig,
     pub hooks: Hooks,
     /// Cancelled when the server shuts down: live readers end at once.
@@ -47,9 +48,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(engine: Arc<dyn Engine>, config: ServerConfig, hooks: Hooks) -> Self {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        subscriptions: Arc<crate::subscriptions::Subscriptions>,
+        config: ServerConfig,
+        hooks: Hooks,
+    ) -> Self {
         AppState {
             engine,
+            subscriptions,
             config,
             hooks,
             shutdown: CancellationToken::new(),

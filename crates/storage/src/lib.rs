@@ -56,6 +56,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Frees streams whose expiry has passed. Returns how many were removed.
     async fn sweep_expired(&self) -> usize;
 
+    /// Paths of every addressable stream (subscription glob backfill).
+    async fn list_paths(&self) -> Vec<String>;
+
     /// Flushes and stops background work (called on graceful shutdown).
     async fn shutdown(&self) {}
 }

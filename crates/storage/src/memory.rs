@@ -564,6 +564,19 @@ impl Engine for MemoryEngine {
         Ok(s.signal.subscribe())
     }
 
+    async fn list_paths(&self) -> Vec<String> {
+        let now = self.clock.now_ms();
+        self.streams
+            .read()
+            .iter()
+            .filter(|(_, s)| {
+                let st = s.state.lock();
+                !st.soft_deleted && !is_expired(&st, now)
+            })
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     async fn sweep_expired(&self) -> usize {
         let now = self.clock.now_ms();
         let expired: Vec<(String, Arc<Stream>)> = self

@@ -1298,6 +1298,20 @@ impl Engine for FileEngine {
         Ok(s.signal.subscribe())
     }
 
+    async fn list_paths(&self) -> Vec<String> {
+        let now = self.inner.clock.now_ms();
+        self.inner
+            .registry
+            .read()
+            .iter()
+            .filter(|(_, s)| {
+                let st = s.state.lock();
+                st.created && !st.soft_deleted && !is_expired(&st, now)
+            })
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
     async fn sweep_expired(&self) -> usize {
         let now = self.inner.clock.now_ms();
         let expired: Vec<(String, Arc<FStream>)> = self
