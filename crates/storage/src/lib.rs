@@ -11,6 +11,7 @@ mod clock;
 mod error;
 pub mod file;
 pub mod memory;
+pub mod rules;
 mod types;
 
 pub use clock::{Clock, ManualClock, SystemClock};

@@ -18,13 +18,14 @@
 //! Lock order: registry, then at most one stream mutex at a time. Code that
 //! holds a stream mutex never takes the registry lock.
 
+use crate::rules::{self, Decision, WriterState};
 use crate::{
     AppendOutcome, AppendRequest, Clock, CreateOutcome, CreateRequest, Engine, Expiry, ForkSpec,
     ReadChunk, ReadFrom, Signal, StorageError, StreamMeta, SystemClock,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use durable_streams_protocol::{parse::media_type, parse::ProducerHeaders, Offset};
+use durable_streams_protocol::{parse::media_type, Offset};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,11 +105,8 @@ struct State {
     /// Own records: (start offset, bytes), contiguous from `base`.
     records: Vec<(u64, Bytes)>,
     tail: u64,
-    closed: bool,
-    /// The producer tuple whose request closed the stream.
-    closed_by: Option<(String, u64, u64)>,
-    producers: HashMap<String, ProducerState>,
-    last_stream_seq: Option<String>,
+    /// Closure, producers and Stream-Seq.
+    w: WriterState,
     expiry: Expiry,
     last_access_ms: u64,
     soft_deleted: bool,
@@ -125,14 +123,14 @@ impl Stream {
             content_type: self.content_type.clone(),
             json: self.json,
             tail: Offset(st.tail),
-            closed: st.closed,
+            closed: st.w.closed,
             expiry: st.expiry.clone(),
             expires_at_ms: expires_at_ms(&st.expiry, st.last_access_ms),
         }
     }
 
     fn publish(&self, st: &State) {
-        self.signal.send_replace(Signal { tail: Offset(st.tail), closed: st.closed, gone: st.removed });
+        self.signal.send_replace(Signal { tail: Offset(st.tail), closed: st.w.closed, gone: st.removed });
     }
 }
 
@@ -313,10 +311,7 @@ impl MemoryEngine {
         let state = State {
             records,
             tail,
-            closed: req.closed,
-            closed_by: None,
-            producers: HashMap::new(),
-            last_stream_seq: None,
+            w: WriterState { closed: req.closed, ..WriterState::default() },
             expiry,
             last_access_ms: self.clock.now_ms(),
             soft_deleted: false,
@@ -378,11 +373,7 @@ impl MemoryEngine {
 }
 
 fn same_config(s: &Stream, st: &State, req: &CreateRequest) -> bool {
-    let ct_matches = match &req.content_type {
-        Some(ct) => media_type(ct) == media_type(&s.content_type),
-        None => s.fork.is_some() || media_type(&s.content_type) == "application/octet-stream",
-    };
-    ct_matches && s.requested_expiry == req.expiry && st.closed == req.closed && s.fork == req.fork
+    rules::same_config(&s.content_type, &s.requested_expiry, &s.fork, st.w.closed, req)
 }
 
 #[async_trait]
@@ -457,60 +448,25 @@ impl Engine for MemoryEngine {
         if st.removed {
             return Err(StorageError::NotFound);
         }
-        if st.closed {
-            if let (Some(p), Some((id, e, q))) = (&req.producer, st.closed_by.clone()) {
-                if p.id == id && p.epoch == e && p.seq == q {
-                    self.touch(&s, &mut st);
-                    return Ok(AppendOutcome::Duplicate { meta: s.meta_locked(&st), epoch: e, seq: q });
-                }
+        match st.w.decide(&s.content_type, st.tail, &req)? {
+            Decision::Apply => {}
+            Decision::Duplicate { epoch, seq } => {
+                self.touch(&s, &mut st);
+                return Ok(AppendOutcome::Duplicate { meta: s.meta_locked(&st), epoch, seq });
             }
-            if req.records.is_empty() && req.close {
+            Decision::AlreadyClosed => {
                 self.touch(&s, &mut st);
                 return Ok(AppendOutcome::AlreadyClosed { meta: s.meta_locked(&st) });
             }
-            return Err(StorageError::Closed { tail: Offset(st.tail) });
-        }
-        if !req.records.is_empty() {
-            let ct = req.content_type.as_deref().unwrap_or("");
-            if media_type(ct) != media_type(&s.content_type) {
-                return Err(StorageError::ContentTypeMismatch);
-            }
-        }
-        if let Some(ProducerHeaders { id, epoch, seq }) = &req.producer {
-            match check_producer(st.producers.get(id).copied(), *epoch, *seq)? {
-                ProducerCheck::Accept => {}
-                ProducerCheck::Duplicate { epoch, last_seq } => {
-                    self.touch(&s, &mut st);
-                    return Ok(AppendOutcome::Duplicate { meta: s.meta_locked(&st), epoch, seq: last_seq });
-                }
-            }
-        }
-        if let Some(seq) = &req.stream_seq {
-            if st.last_stream_seq.as_ref().is_some_and(|last| seq.as_bytes() <= last.as_bytes()) {
-                return Err(StorageError::SeqRegression);
-            }
         }
         // Commit: data, producer state, Stream-Seq and closure together.
+        let accepted = st.w.apply(&req);
         for r in req.records {
             if !r.is_empty() {
                 let start = st.tail;
                 st.tail += r.len() as u64;
                 st.records.push((start, r));
             }
-        }
-        let mut accepted = None;
-        if let Some(ProducerHeaders { id, epoch, seq }) = req.producer {
-            st.producers.insert(id.clone(), ProducerState { epoch, last_seq: seq });
-            if req.close {
-                st.closed_by = Some((id, epoch, seq));
-            }
-            accepted = Some((epoch, seq));
-        }
-        if let Some(seq) = req.stream_seq {
-            st.last_stream_seq = Some(seq);
-        }
-        if req.close {
-            st.closed = true;
         }
         self.touch(&s, &mut st);
         s.publish(&st);

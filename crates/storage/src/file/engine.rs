@@ -1,7 +1,8 @@
 use super::catalog::{Catalog, Effect};
 use super::codec::{self, AppendRec, CreateRec, ForkRec, Record, WAL_HEADER_LEN, WAL_MAGIC};
 use super::vfs::{Vfs, VfsFile};
-use crate::memory::{check_producer, expires_at_ms, ProducerCheck, ProducerState};
+use crate::memory::expires_at_ms;
+use crate::rules::{self, Decision, WriterState};
 use crate::{
     AppendOutcome, AppendRequest, Clock, CreateOutcome, CreateRequest, Engine, Expiry, ForkSpec,
     ReadChunk, ReadFrom, Signal, StorageError, StreamMeta, SystemClock,
@@ -9,7 +10,7 @@ use crate::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use durable_streams_protocol::json::BoundaryScanner;
-use durable_streams_protocol::{parse::media_type, parse::ProducerHeaders, Offset};
+use durable_streams_protocol::{parse::media_type, Offset};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -97,10 +98,8 @@ struct FStream {
 #[derive(Debug)]
 struct PState {
     tail: u64,
-    closed: bool,
-    closed_by: Option<(String, u64, u64)>,
-    producers: HashMap<String, ProducerState>,
-    last_stream_seq: Option<String>,
+    /// Closure, producers and Stream-Seq.
+    w: WriterState,
     expiry: Expiry,
     last_access_ms: u64,
     soft_deleted: bool,
@@ -359,10 +358,12 @@ impl Inner {
             };
             let st = PState {
                 tail: s.tail,
-                closed: s.closed,
-                closed_by: s.closed_by.clone(),
-                producers: s.producers.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-                last_stream_seq: s.last_stream_seq.clone(),
+                w: WriterState {
+                    closed: s.closed,
+                    closed_by: s.closed_by.clone(),
+                    producers: s.producers.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                    last_stream_seq: s.last_stream_seq.clone(),
+                },
                 expiry: s.expiry.clone(),
                 last_access_ms: last_access,
                 soft_deleted: s.soft_deleted,
@@ -925,11 +926,7 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
 }
 
 fn same_config(s: &FStream, st: &PState, req: &CreateRequest) -> bool {
-    let ct_matches = match &req.content_type {
-        Some(ct) => media_type(ct) == media_type(&s.content_type),
-        None => s.fork.is_some() || media_type(&s.content_type) == "application/octet-stream",
-    };
-    ct_matches && s.requested_expiry == req.expiry && st.closed == req.closed && s.fork == req.fork
+    rules::same_config(&s.content_type, &s.requested_expiry, &s.fork, st.w.closed, req)
 }
 
 async fn await_ack(rx: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), StorageError> {
@@ -1023,10 +1020,7 @@ impl Engine for FileEngine {
             fork: req.fork.clone(),
             state: Mutex::new(PState {
                 tail: base + len,
-                closed: req.closed,
-                closed_by: None,
-                producers: HashMap::new(),
-                last_stream_seq: None,
+                w: WriterState { closed: req.closed, ..WriterState::default() },
                 expiry: expiry.clone(),
                 last_access_ms: now,
                 soft_deleted: false,
@@ -1108,73 +1102,35 @@ impl Engine for FileEngine {
                 return Err(StorageError::NotFound);
             }
             let now = inner.clock.now_ms();
-            if st.closed {
-                let closer = match (&req.producer, &st.closed_by) {
-                    (Some(p), Some((id, e, q))) if &p.id == id && p.epoch == *e && p.seq == *q => Some((*e, *q)),
-                    _ => None,
-                };
-                if let Some((e, q)) = closer {
+            match st.w.decide(&s.content_type, st.tail, &req)? {
+                Decision::Duplicate { epoch, seq } => {
                     st.last_access_ms = now;
                     inner.touches.lock().insert(s.id, now);
-                    Next::Dup(e, q)
-                } else if req.records.is_empty() && req.close {
+                    Next::Dup(epoch, seq)
+                }
+                Decision::AlreadyClosed => {
                     st.last_access_ms = now;
                     inner.touches.lock().insert(s.id, now);
                     Next::AlreadyClosed
-                } else {
-                    return Err(StorageError::Closed { tail: Offset(st.tail) });
                 }
-            } else {
-                if !req.records.is_empty() {
-                    let ct = req.content_type.as_deref().unwrap_or("");
-                    if media_type(ct) != media_type(&s.content_type) {
-                        return Err(StorageError::ContentTypeMismatch);
-                    }
-                }
-                let mut dup = None;
-                if let Some(ProducerHeaders { id, epoch, seq }) = &req.producer {
-                    if let ProducerCheck::Duplicate { epoch, last_seq } = check_producer(st.producers.get(id).copied(), *epoch, *seq)? {
-                        dup = Some((epoch, last_seq));
-                    }
-                }
-                if let Some((e, q)) = dup {
-                    st.last_access_ms = now;
-                    inner.touches.lock().insert(s.id, now);
-                    Next::Dup(e, q)
-                } else {
-                    if let Some(seq) = &req.stream_seq {
-                        if st.last_stream_seq.as_ref().is_some_and(|last| seq.as_bytes() <= last.as_bytes()) {
-                            return Err(StorageError::SeqRegression);
-                        }
-                    }
+                Decision::Apply => {
+                    let accepted = st.w.apply(&req);
                     let data: Vec<Bytes> = req.records.into_iter().filter(|r| !r.is_empty()).collect();
                     let len: u64 = data.iter().map(|b| b.len() as u64).sum();
                     let start = st.tail;
                     st.tail += len;
-                    let producer = req.producer.map(|p| (p.id, p.epoch, p.seq));
-                    let accepted = producer.as_ref().map(|(_, e, q)| (*e, *q));
-                    if let Some((id, e, q)) = &producer {
-                        st.producers.insert(id.clone(), ProducerState { epoch: *e, last_seq: *q });
-                        if req.close {
-                            st.closed_by = Some((id.clone(), *e, *q));
-                        }
-                    }
-                    if let Some(seq) = &req.stream_seq {
-                        st.last_stream_seq = Some(seq.clone());
-                    }
-                    st.closed |= req.close;
                     st.last_access_ms = now;
                     let record = Record::Append(AppendRec {
                         id: s.id,
                         start,
                         now_ms: now,
                         close: req.close,
-                        producer,
+                        producer: req.producer.map(|p| (p.id, p.epoch, p.seq)),
                         stream_seq: req.stream_seq,
                         data,
                     });
                     let tail = st.tail;
-                    let closed = st.closed;
+                    let closed = st.w.closed;
                     // Queued while the stream's lock is held: WAL order is
                     // validation order (invariant 3).
                     let rx = inner.submit(record, Some(s.clone()), Publish::Tail { tail, closed })?;
