@@ -190,6 +190,8 @@ async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -
         AppendOutcome::Applied { meta, producer } => {
             if has_data {
                 state.subscriptions.stream_changed(path);
+                state.metrics.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state.metrics.append_bytes.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
             let status = if producer.is_some() && has_data { StatusCode::OK } else { StatusCode::NO_CONTENT };
             resp = empty(status);
@@ -286,6 +288,7 @@ pub fn read_from(o: OffsetParam) -> ReadFrom {
 
 async fn catch_up(state: &AppState, path: &str, offset: OffsetParam, headers: &HeaderMap) -> Result<Response, ApiError> {
     let chunk = state.engine.read(path, read_from(offset), state.config.read_chunk_bytes).await?;
+    state.metrics.read_bytes.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
     if offset == OffsetParam::Now {
         // Tail position only: never cached, no ETag (PROTOCOL.md 8).
         let mut resp = data_response(&chunk, StatusCode::OK);

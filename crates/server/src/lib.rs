@@ -16,6 +16,7 @@ pub mod error;
 pub mod handlers;
 pub mod layers;
 pub mod live;
+pub mod metrics;
 pub mod request;
 pub mod state;
 pub mod subscriptions;
@@ -127,6 +128,7 @@ impl Server {
         let state = self.state.clone();
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(metrics_handler))
             .fallback(dispatch)
             .with_state(state)
             .layer(axum::middleware::from_fn(layers::policy))
@@ -191,11 +193,17 @@ impl Server {
     }
 }
 
+async fn metrics_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
+    let body = state.metrics.render(state.live_readers(), &state.engine.metrics());
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+}
+
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::response::Response {
     let (parts, body) = req.into_parts();
-    handlers::dispatch(state, parts.method, parts.uri, parts.headers, body)
-        .await
-        .into_response()
+    let method = parts.method.clone();
+    let resp = handlers::dispatch(state.clone(), parts.method, parts.uri, parts.headers, body).await.into_response();
+    state.metrics.record(method.as_str(), resp.status().as_u16());
+    resp
 }
 
 /// Frees expired streams in the background; client requests also check

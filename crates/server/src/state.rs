@@ -41,6 +41,7 @@ pub struct AppState {
     pub subscriptions: Arc<crate::subscriptions::Subscriptions>,
     pub config: ServerConfig,
     pub hooks: Hooks,
+    pub metrics: crate::metrics::Metrics,
     /// Cancelled when the server shuts down: live readers end at once.
     pub shutdown: CancellationToken,
     live_total: AtomicUsize,
@@ -59,6 +60,7 @@ impl AppState {
             subscriptions,
             config,
             hooks,
+            metrics: crate::metrics::Metrics::default(),
             shutdown: CancellationToken::new(),
             live_total: AtomicUsize::new(0),
             live_per_stream: Mutex::new(HashMap::new()),

@@ -62,4 +62,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Flushes and stops background work (called on graceful shutdown).
     async fn shutdown(&self) {}
+
+    /// Engine counters for `/metrics`: `(name, help, value)`.
+    fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }

@@ -520,6 +520,10 @@ impl Engine for MemoryEngine {
         Ok(s.signal.subscribe())
     }
 
+    fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![("ds_streams", "Addressable streams", self.streams.read().len() as u64)]
+    }
+
     async fn list_paths(&self) -> Vec<String> {
         let now = self.clock.now_ms();
         self.streams

@@ -1284,6 +1284,18 @@ impl Engine for FileEngine {
         expired.len()
     }
 
+    fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let st = &self.inner.stats;
+        vec![
+            ("ds_wal_syncs_total", "WAL fdatasync calls (one per group commit)", st.wal_syncs.load(Ordering::Relaxed)),
+            ("ds_wal_records_total", "WAL records committed", st.records.load(Ordering::Relaxed)),
+            ("ds_checkpoints_total", "Checkpoints written", st.checkpoints.load(Ordering::Relaxed)),
+            ("ds_open_data_files", "Data files currently open", self.open_files() as u64),
+            ("ds_streams", "Addressable streams", self.inner.registry.read().len() as u64),
+            ("ds_store_failed", "1 once a write or sync failed (store refuses writes)", self.inner.poisoned_flag.load(Ordering::Acquire) as u64),
+        ]
+    }
+
     async fn shutdown(&self) {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.close()).await;
