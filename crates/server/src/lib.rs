@@ -129,6 +129,7 @@ impl Server {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/metrics", get(metrics_handler))
+            .route("/readyz", get(readyz_handler))
             .fallback(dispatch)
             .with_state(state)
             .layer(axum::middleware::from_fn(layers::policy))
@@ -190,6 +191,17 @@ impl Server {
         }
         self.state.engine.shutdown().await;
         Ok(())
+    }
+}
+
+/// Ready: recovery is done (the listener only opens after it) and the
+/// store accepts writes; 503 once it failed or while shutting down.
+async fn readyz_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
+    let failed = state.engine.metrics().iter().any(|(n, _, v)| *n == "ds_store_failed" && *v != 0);
+    if failed || state.shutdown.is_cancelled() {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    } else {
+        "ready\n".into_response()
     }
 }
 

@@ -35,6 +35,8 @@ async fn metrics_count_appends_and_syncs() {
     let syncs = metric(&text, "ds_wal_syncs_total");
     assert!((1..=6).contains(&syncs), "{syncs} syncs for 6 sequential records");
     assert!(text.contains("ds_http_requests_total{method=\"POST\",status=\"2xx\"} 5"));
+    let ready = c.get(format!("http://{addr}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
     tx.send(()).unwrap();
     server.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
