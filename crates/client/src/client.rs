@@ -29,6 +29,7 @@ struct Inner {
     http: reqwest::Client,
     headers: HeaderMap,
     dynamic: Vec<(HeaderName, HeaderFn)>,
+    params: Vec<(String, HeaderFn)>,
     retry: RetryPolicy,
     timeout: Option<Duration>,
 }
@@ -38,6 +39,7 @@ impl fmt::Debug for Client {
         f.debug_struct("Client")
             .field("headers", &self.inner.headers.keys().collect::<Vec<_>>())
             .field("dynamic_headers", &self.inner.dynamic.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field("dynamic_params", &self.inner.params.iter().map(|(n, _)| n).collect::<Vec<_>>())
             .field("retry", &self.inner.retry)
             .finish()
     }
@@ -82,13 +84,30 @@ impl Client {
         out
     }
 
+    /// The request URL with the dynamic query parameters (evaluated now) appended.
+    pub(crate) fn request_url(&self, url: &Url) -> Url {
+        if self.inner.params.is_empty() {
+            return url.clone();
+        }
+        let mut out = url.clone();
+        {
+            let mut q = out.query_pairs_mut();
+            for (name, f) in &self.inner.params {
+                if let Some(v) = f() {
+                    q.append_pair(name, &v);
+                }
+            }
+        }
+        out
+    }
+
     /// Sends one request, retrying network errors, `429` and `5xx` per the
     /// policy when `retry` is set. Returns the final response whatever its
     /// status; transport failures become [`Error::Network`].
     pub(crate) async fn execute(&self, req: &Req, retry: Option<&RetryPolicy>) -> Result<reqwest::Response> {
         let mut attempt = 0u32;
         loop {
-            let mut rb = self.inner.http.request(req.method.clone(), req.url.clone()).headers(self.request_headers(&req.headers));
+            let mut rb = self.inner.http.request(req.method.clone(), self.request_url(&req.url)).headers(self.request_headers(&req.headers));
             if let Some(body) = &req.body {
                 rb = rb.body(body.clone());
             }
@@ -162,6 +181,7 @@ impl Req {
 pub struct ClientBuilder {
     headers: HeaderMap,
     dynamic: Vec<(HeaderName, HeaderFn)>,
+    params: Vec<(String, HeaderFn)>,
     retry: Option<RetryPolicy>,
     timeout: Option<Duration>,
     connect_timeout: Option<Duration>,
@@ -193,6 +213,19 @@ impl ClientBuilder {
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(n) => self.dynamic.push((n, Arc::new(f))),
             Err(_) => self.error = Some(Error::InvalidArgument(format!("invalid header name {name}"))),
+        }
+        self
+    }
+
+    /// A URL query parameter whose value is computed before every request
+    /// (retries and producer batches included), e.g. a request id. `None`
+    /// omits it for that request. Stream reads already use `offset`, `live`
+    /// and `cursor`: do not reuse those names.
+    pub fn dynamic_param(mut self, name: &str, f: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        if name.is_empty() {
+            self.error = Some(Error::InvalidArgument("empty query parameter name".into()));
+        } else {
+            self.params.push((name.to_string(), Arc::new(f)));
         }
         self
     }
@@ -244,6 +277,7 @@ impl ClientBuilder {
                 http,
                 headers: self.headers,
                 dynamic: self.dynamic,
+                params: self.params,
                 retry: self.retry.unwrap_or_default(),
                 timeout: self.timeout,
             }),

@@ -41,6 +41,8 @@ pub struct ProducerOptions {
     pub auto_claim: bool,
     /// Largest batch body (a single larger message is sent alone).
     pub max_batch_bytes: usize,
+    /// Most messages in one batch.
+    pub max_batch_items: usize,
     /// How long a partial batch waits for more messages.
     pub linger: Duration,
     /// Batches sent concurrently.
@@ -57,6 +59,7 @@ impl Default for ProducerOptions {
             epoch: 0,
             auto_claim: false,
             max_batch_bytes: 1024 * 1024,
+            max_batch_items: usize::MAX,
             linger: Duration::from_millis(5),
             max_in_flight: 5,
             retry: None,
@@ -71,6 +74,7 @@ impl fmt::Debug for ProducerOptions {
             .field("epoch", &self.epoch)
             .field("auto_claim", &self.auto_claim)
             .field("max_batch_bytes", &self.max_batch_bytes)
+            .field("max_batch_items", &self.max_batch_items)
             .field("linger", &self.linger)
             .field("max_in_flight", &self.max_in_flight)
             .field("retry", &self.retry)
@@ -82,6 +86,9 @@ impl ProducerOptions {
     pub fn validate(&self) -> Result<()> {
         if self.max_batch_bytes == 0 {
             return Err(Error::InvalidArgument("max_batch_bytes must be > 0".into()));
+        }
+        if self.max_batch_items == 0 {
+            return Err(Error::InvalidArgument("max_batch_items must be > 0".into()));
         }
         if self.max_in_flight == 0 {
             return Err(Error::InvalidArgument("max_in_flight must be > 0".into()));
@@ -419,7 +426,7 @@ impl Actor {
         if let Some(tx) = ack {
             self.pending_acks.push(tx);
         }
-        if self.pending_bytes >= self.opts.max_batch_bytes {
+        if self.pending_bytes >= self.opts.max_batch_bytes || self.pending.len() >= self.opts.max_batch_items {
             self.seal();
         } else if self.linger_deadline.is_none() {
             self.linger_deadline = Some(Instant::now() + self.opts.linger);

@@ -189,6 +189,14 @@ impl DurableStream {
         self.content_type.lock().ok().and_then(|g| g.clone())
     }
 
+    /// Declares the stream's content type when it is already known (from an
+    /// earlier create or HEAD), so appends and SSE reads need not ask the
+    /// server first. No I/O.
+    pub fn with_content_type(self, content_type: impl Into<String>) -> Self {
+        self.set_content_type(Some(content_type.into()));
+        self
+    }
+
     pub(crate) fn set_content_type(&self, ct: Option<String>) {
         if let (Some(ct), Ok(mut g)) = (ct, self.content_type.lock()) {
             *g = Some(ct);
