@@ -391,3 +391,41 @@ async fn dynamic_headers_on_every_request() {
     }
     assert_eq!(log.matches("x-static: yes").count(), calls);
 }
+
+/// Dynamic query parameters are evaluated per request and added to every URL, reads included.
+#[tokio::test]
+async fn dynamic_params_on_every_request() {
+    let srv = Server::start(&args());
+    let proxy = Proxy::start(srv.addr).await;
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    let client = Client::builder()
+        .dynamic_param("request_id", move || Some(format!("r{}", n2.fetch_add(1, Ordering::SeqCst))))
+        .build()
+        .unwrap();
+    let s = DurableStream::with_client(&client, &proxy.url(&name("param"))).unwrap();
+    s.create_stream(CreateOptions::new().content_type("text/plain")).await.unwrap();
+    s.append_text("hi").await.unwrap();
+    assert_eq!(s.stream(StreamOptions::new()).await.unwrap().text().await.unwrap(), "hi");
+    let calls = n.load(Ordering::SeqCst);
+    assert_eq!(calls, 3, "one value per request");
+    let log = proxy.log_text();
+    assert!(log.contains("?request_id=r0 http/1.1"), "PUT carries the param: {log}");
+    assert!(log.contains("?request_id=r1 http/1.1"), "POST carries the param");
+    assert!(log.contains("offset=-1&request_id=r2 http/1.1"), "GET keeps its own query and adds the param");
+}
+
+/// A handle told its content type appends without asking the server first.
+#[tokio::test]
+async fn known_content_type_skips_the_head() {
+    let srv = Server::start(&args());
+    let proxy = Proxy::start(srv.addr).await;
+    let url = proxy.url(&name("ct"));
+    DurableStream::create(&url, CreateOptions::new().json()).await.unwrap();
+    let before = proxy.log_text().matches("head /").count();
+    let s = DurableStream::new(&url).unwrap().with_content_type("application/json");
+    s.append_text("[1,2]").await.unwrap();
+    assert_eq!(proxy.log_text().matches("head /").count(), before, "no HEAD");
+    let items: Vec<Value> = s.stream(StreamOptions::new()).await.unwrap().json().await.unwrap();
+    assert_eq!(items, vec![json!([1, 2])], "JSON handling follows the declared content type");
+}

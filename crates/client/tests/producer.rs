@@ -173,3 +173,22 @@ async fn producer_on_closed_stream_fails() {
     let e = p.send(b"1".to_vec()).await.unwrap_err();
     assert!(e.to_string().contains("closed"), "{e}");
 }
+
+/// max_batch_items caps the messages per batch (and 0 is rejected).
+#[tokio::test]
+async fn max_batch_items_caps_batches() {
+    let srv = Server::start(&[]);
+    let s = DurableStream::create(&srv.url(&name("items")), CreateOptions::new().json()).await.unwrap();
+    assert!(matches!(
+        s.producer("p", ProducerOptions { max_batch_items: 0, ..ProducerOptions::default() }),
+        Err(Error::InvalidArgument(_))
+    ));
+    let opts = ProducerOptions { max_batch_items: 3, linger: Duration::from_secs(5), ..ProducerOptions::default() };
+    let p = s.producer("p", opts).unwrap();
+    for i in 0..10 {
+        p.append_json(&json!(i)).unwrap();
+    }
+    p.flush().await.unwrap();
+    assert_eq!(p.stats().batches_acked, 4, "3 + 3 + 3 + 1");
+    assert_eq!(read_all(&s).await, (0..10).map(|i| json!(i)).collect::<Vec<_>>());
+}
