@@ -349,19 +349,22 @@ impl Actor {
                         self.check_flushed();
                     }
                     Some(Cmd::Close(final_message, tx)) => {
-                        let r = self.close(final_message).await;
-                        let _ = tx.send(r.clone_result());
-                        if r.is_ok() {
-                            // Later closes answer with the same outcome.
-                            while let Some(cmd) = rx.recv().await {
-                                match cmd {
-                                    Cmd::Close(_, tx) => { let _ = tx.send(r.clone_result()); }
-                                    Cmd::Flush(tx) | Cmd::Detach(tx) | Cmd::Restart(tx) => { let _ = tx.send(Ok(())); }
-                                    Cmd::Append(_, Some(tx)) => { let _ = tx.send(Err(Error::ProducerClosed)); }
-                                    Cmd::Append(_, None) => {}
+                        match self.close(final_message).await {
+                            Ok(outcome) => {
+                                let _ = tx.send(Ok(outcome.clone()));
+                                // Later closes answer with the same outcome.
+                                while let Some(cmd) = rx.recv().await {
+                                    match cmd {
+                                        Cmd::Close(_, tx) => { let _ = tx.send(Ok(outcome.clone())); }
+                                        Cmd::Flush(tx) | Cmd::Detach(tx) | Cmd::Restart(tx) => { let _ = tx.send(Ok(())); }
+                                        Cmd::Append(_, Some(tx)) => { let _ = tx.send(Err(Error::ProducerClosed)); }
+                                        Cmd::Append(_, None) => {}
+                                    }
                                 }
+                                return;
                             }
-                            return;
+                            // The typed error (e.g. StreamClosed) goes to the caller as is.
+                            Err(e) => { let _ = tx.send(Err(e)); }
                         }
                     }
                     Some(Cmd::Detach(tx)) => {
@@ -704,19 +707,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-trait CloneResult {
-    fn clone_result(&self) -> Self;
-}
-
-impl CloneResult for Result<CloseOutcome> {
-    fn clone_result(&self) -> Self {
-        match self {
-            Ok(o) => Ok(o.clone()),
-            Err(e) => Err(Error::ProducerFailed(e.to_string())),
-        }
     }
 }
 

@@ -192,3 +192,14 @@ async fn max_batch_items_caps_batches() {
     assert_eq!(p.stats().batches_acked, 4, "3 + 3 + 3 + 1");
     assert_eq!(read_all(&s).await, (0..10).map(|i| json!(i)).collect::<Vec<_>>());
 }
+
+/// close() reports the server's typed error (a final message on a stream closed by someone else is StreamClosed).
+#[tokio::test]
+async fn close_errors_are_typed() {
+    let srv = Server::start(&[]);
+    let s = DurableStream::create(&srv.url(&name("closed")), CreateOptions::new().content_type("text/plain")).await.unwrap();
+    s.close().await.unwrap();
+    let p = s.producer("late", ProducerOptions::default()).unwrap();
+    let e = p.close(Some("final".into())).await.unwrap_err();
+    assert!(matches!(e, Error::StreamClosed { .. }), "{e:?}");
+}
