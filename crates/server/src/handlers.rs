@@ -113,6 +113,7 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
         (None, None) => false,
     };
     let records = frame_body(&body, json_mode, true)?;
+    state.subscriptions.stream_creating(path);
     let req = CreateRequest { content_type: content_type.clone(), expiry, closed, json: json_mode, records, fork };
     let (status, meta) = match state.engine.create(path, req).await? {
         CreateOutcome::Created(m) => (StatusCode::CREATED, m),
@@ -130,9 +131,9 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
             hook(&StreamEvent { path: path.to_owned(), content_type: meta.content_type.clone() });
         }
         state.subscriptions.stream_created(path);
-        if meta.tail.0 > 0 {
-            state.subscriptions.stream_changed(path);
-        }
+    }
+    if meta.tail.0 > 0 {
+        state.subscriptions.stream_changed(path);
     }
     Ok(resp)
 }
@@ -263,6 +264,7 @@ async fn head(state: &AppState, path: &str) -> Result<Response, ApiError> {
 
 async fn delete(state: &AppState, path: &str) -> Result<Response, ApiError> {
     state.engine.delete(path).await?;
+    state.subscriptions.stream_deleted(path);
     if let Some(hook) = &state.hooks.on_stream_deleted {
         hook(&StreamEvent { path: path.to_owned(), content_type: String::new() });
     }

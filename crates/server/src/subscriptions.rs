@@ -19,7 +19,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine as _;
 use bytes::Bytes;
 use durable_streams_protocol::Offset;
-use durable_streams_storage::{AppendRequest, Engine, StorageError};
+use durable_streams_storage::{AppendRequest, Engine};
 use ed25519_dalek::{Signer, SigningKey};
 use parking_lot::Mutex;
 use rand::RngCore;
@@ -211,6 +211,8 @@ pub async fn validate_webhook_url(raw: &str) -> Result<reqwest::Url, String> {
 #[derive(Debug)]
 pub struct Subscriptions {
     reg: Mutex<Registry>,
+    /// Number of live subscriptions, so stream hooks skip the lock when 0.
+    active: std::sync::atomic::AtomicUsize,
     engine: Arc<dyn Engine>,
     key: SigningKey,
     kid: String,
@@ -264,8 +266,17 @@ impl Subscriptions {
                 SigningKey::from_bytes(&seed)
             }
         };
-        // Re-evaluate everything after a restart.
+        // Re-evaluate everything after a restart. A pull wake that was never
+        // claimed may never have been announced (the process died between
+        // deciding it and writing the event): forget it, the scheduler
+        // issues a fresh one if work is pending.
+        for s in reg.subs.values_mut() {
+            if s.wake.as_ref().is_some_and(|w| w.holder.is_none() && w.lease_until_ms.is_none()) {
+                s.wake = None;
+            }
+        }
         reg.dirty = reg.subs.keys().cloned().collect();
+        let active = reg.subs.values().filter(|s| !s.deleted).count();
         let public = key.verifying_key().to_bytes();
         let kid = format!("ds_{}", &B64URL.encode(Sha256::digest(public))[..22]);
         let http = reqwest::Client::builder()
@@ -275,6 +286,7 @@ impl Subscriptions {
             .map_err(std::io::Error::other)?;
         Ok(Subscriptions {
             reg: Mutex::new(reg),
+            active: std::sync::atomic::AtomicUsize::new(active),
             engine,
             key,
             kid,
@@ -302,18 +314,56 @@ impl Subscriptions {
         }]})
     }
 
-    /// Called after a stream was created: links it (at offset 0, before its
-    /// first data) to every subscription whose pattern matches.
+    /// Called BEFORE a stream is created: links it at offset 0 to every
+    /// subscription whose pattern matches, durably, so that a crash between
+    /// the create and the link cannot leave its data unwatched ("linked
+    /// before that append"). Linking a stream that then fails to be created
+    /// is harmless: it has no data to be pending.
+    pub fn stream_creating(&self, path: &str) {
+        self.link_matching(path, false);
+    }
+
+    /// Called after a stream was created anew (201): any cursor left from a
+    /// deleted or expired stream at this path starts over at 0.
     pub fn stream_created(&self, path: &str) {
-        let mut reg = self.reg.lock();
-        if reg.subs.is_empty() {
+        self.link_matching(path, true);
+    }
+
+    /// Called after a stream was deleted: cursors at this path start over,
+    /// so a re-created stream's data is pending again.
+    pub fn stream_deleted(&self, path: &str) {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
             return;
         }
+        let mut reg = self.reg.lock();
+        let mut changed = false;
+        for s in reg.subs.values_mut().filter(|s| !s.deleted) {
+            if let Some(l) = s.links.get_mut(path) {
+                changed |= l.acked != 0;
+                l.acked = 0;
+            }
+        }
+        if changed {
+            let _ = self.persist(&reg);
+        }
+    }
+
+    fn link_matching(&self, path: &str, reset: bool) {
+        if self.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut reg = self.reg.lock();
         let mut touched = Vec::new();
         for s in reg.subs.values_mut().filter(|s| !s.deleted) {
-            if s.config.pattern.as_deref().is_some_and(|p| glob_matches(p, path)) {
-                let link = s.links.entry(path.to_owned()).or_insert(Link { glob: true, explicit: false, acked: 0 });
-                link.glob = true;
+            let matches = s.config.pattern.as_deref().is_some_and(|p| glob_matches(p, path));
+            if let Some(l) = s.links.get_mut(path) {
+                l.glob |= matches;
+                if reset && l.acked != 0 {
+                    l.acked = 0;
+                    touched.push(s.id.clone());
+                }
+            } else if matches {
+                s.links.insert(path.to_owned(), Link { glob: true, explicit: false, acked: 0 });
                 touched.push(s.id.clone());
             }
         }
@@ -326,10 +376,10 @@ impl Subscriptions {
 
     /// Called after data was appended to a stream.
     pub fn stream_changed(&self, path: &str) {
-        let mut reg = self.reg.lock();
-        if reg.subs.is_empty() {
-            return;
+        if self.active.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return; // no subscriptions: no lock on the append path
         }
+        let mut reg = self.reg.lock();
         let ids: Vec<String> =
             reg.subs.values().filter(|s| !s.deleted && s.links.contains_key(path)).map(|s| s.id.clone()).collect();
         if !ids.is_empty() {
@@ -497,6 +547,7 @@ impl Subscriptions {
             return r;
         }
         reg.dirty.insert(id.to_owned());
+        self.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.notify.notify_one();
         (201, Some(desc))
     }
@@ -521,7 +572,10 @@ impl Subscriptions {
         s.retry = None;
         s.links.clear();
         match self.persist(&reg) {
-            Ok(()) => (204, None),
+            Ok(()) => {
+                self.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                (204, None)
+            }
             Err(r) => r,
         }
     }
@@ -760,6 +814,13 @@ impl Subscriptions {
 
     /// The wake scheduler: runs until `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        // Link streams that match a pattern but were created while the
+        // process was dying before their link was saved.
+        if self.active.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            for path in self.engine.list_paths().await {
+                self.link_matching(&path, false);
+            }
+        }
         loop {
             tokio::select! {
                 _ = self.notify.notified() => {}
@@ -806,30 +867,37 @@ impl Subscriptions {
                     continue;
                 }
                 if !Self::has_pending(s, &tails) {
+                    if s.retry.take().is_some() {
+                        // Nothing left to deliver: no longer "failed".
+                        let _ = self.persist(&reg);
+                    }
                     continue;
                 }
-                let webhook = s.config.kind == "webhook";
-                let (wake, token) = Self::new_wake(s, &tails, None, webhook);
-                let streams = Self::streams_json(s, &tails);
                 let pending: Vec<String> =
                     s.links.iter().filter(|(p, l)| tails.get(*p).is_some_and(|t| *t > l.acked)).map(|(p, _)| p.clone()).collect();
-                let action = if webhook {
+                if s.config.kind == "webhook" {
+                    let (wake, token) = Self::new_wake(s, &tails, None, true);
                     let body = json!({
                         "subscription_id": s.id,
                         "wake_id": wake.wake_id,
                         "generation": wake.generation,
-                        "streams": streams,
+                        "streams": Self::streams_json(s, &tails),
                         "callback_url": format!("{}/__ds/subscriptions/{}/callback", s.root_url, s.id),
                         "callback_token": token,
                     });
-                    Action::Webhook(s.config.webhook_url.clone().unwrap_or_default(), body, wake.wake_id.clone())
+                    let action = Action::Webhook(s.config.webhook_url.clone().unwrap_or_default(), body, wake.wake_id.clone());
+                    // Persisted before delivery: the wake has a lease, so
+                    // after a crash it expires and is issued again.
+                    if self.persist(&reg).is_err() {
+                        continue;
+                    }
+                    action
                 } else {
-                    Action::WakeStream(s.config.wake_stream.clone().unwrap_or_default(), pending, wake.generation)
-                };
-                if self.persist(&reg).is_err() {
-                    continue;
+                    // Pull wake: the event is written first and the wake
+                    // recorded after, so a crash in between only causes a
+                    // second (harmless) wake event, never a lost one.
+                    Action::WakeStream(s.config.wake_stream.clone().unwrap_or_default(), pending, s.generation + 1)
                 }
-                action
             };
             match action {
                 Action::Webhook(url, body, wake_id) => {
@@ -843,11 +911,26 @@ impl Subscriptions {
                         .collect();
                     let records = events.iter().map(|e| Bytes::from(format!("{e},"))).collect();
                     let req = AppendRequest { content_type: Some("application/json".into()), records, ..Default::default() };
-                    if let Err(e) = self.engine.append(&stream, req).await {
-                        if !matches!(e, StorageError::NotFound) {
-                            tracing::warn!(subscription = %id, error = %e, "cannot write wake event");
+                    let written = self.engine.append(&stream, req).await;
+                    let mut reg = self.reg.lock();
+                    let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else { continue };
+                    match written {
+                        Ok(_) => {
+                            // Unless a claim already created a wake meanwhile.
+                            if s.wake.is_none() && s.generation + 1 == generation {
+                                Self::new_wake(s, &tails, None, false);
+                                s.retry = None;
+                            }
+                        }
+                        Err(e) => {
+                            // Missing, closed or mistyped wake stream: try again later.
+                            let attempt = s.retry.as_ref().map_or(0, |r| r.attempt) + 1;
+                            let delay = backoff_ms(attempt);
+                            tracing::warn!(subscription = %id, wake_stream = %stream, error = %e, delay_ms = delay, "cannot write wake event");
+                            s.retry = Some(Retry { attempt, next_attempt_at_ms: now_ms() + delay });
                         }
                     }
+                    let _ = self.persist(&reg);
                 }
             }
         }
@@ -911,9 +994,7 @@ impl Subscriptions {
             Ok(false) => s.retry = None,
             Err(e) => {
                 let attempt = s.retry.as_ref().map_or(0, |r| r.attempt) + 1;
-                let base = (1000u64 << (attempt - 1).min(6)).min(60_000) as f64;
-                let jitter = 1.0 + (rand::random::<f64>() * 0.4 - 0.2);
-                let delay = (base * jitter) as u64;
+                let delay = backoff_ms(attempt);
                 tracing::warn!(subscription = %id, attempt, delay_ms = delay, error = %e, "webhook delivery failed");
                 s.wake = None;
                 s.retry = Some(Retry { attempt, next_attempt_at_ms: now_ms() + delay });
@@ -922,6 +1003,13 @@ impl Subscriptions {
         let _ = self.persist(&reg);
         self.notify.notify_one();
     }
+}
+
+/// Exponential backoff from 1 s to 60 s with ±20 % jitter (PROTOCOL.md 7.1).
+fn backoff_ms(attempt: u32) -> u64 {
+    let base = (1000u64 << attempt.saturating_sub(1).min(6)).min(60_000) as f64;
+    let jitter = 1.0 + (rand::random::<f64>() * 0.4 - 0.2);
+    (base * jitter) as u64
 }
 
 enum Action {
