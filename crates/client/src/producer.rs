@@ -302,7 +302,12 @@ struct Batch {
     body: Bytes,
     messages: usize,
     acks: Vec<AckTx>,
+    /// Times this batch was re-sent after a sequence gap with nothing left below it.
+    gap_resends: u32,
 }
+
+/// Re-sends of one batch after a gap whose predecessors were all acknowledged.
+const MAX_GAP_RESENDS: u32 = 3;
 
 type Outcome = (u64, u64, Result<AppendAck>);
 
@@ -462,7 +467,7 @@ impl Actor {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.batches.insert(seq, Batch { body, messages: items.len(), acks: std::mem::take(&mut self.pending_acks) });
+        self.batches.insert(seq, Batch { body, messages: items.len(), acks: std::mem::take(&mut self.pending_acks), gap_resends: 0 });
         self.queue.push_back(seq);
         self.update_stats(|s| s.next_seq = seq + 1);
     }
@@ -530,6 +535,11 @@ impl Actor {
                 // Lower batches still unacknowledged: they were overtaken; retry after them.
                 if self.batches.range(..seq).next().is_some() {
                     self.gap_wait.push(seq);
+                } else if let Some(b) = self.batches.get_mut(&seq).filter(|b| expected < seq && b.gap_resends < MAX_GAP_RESENDS) {
+                    // Everything below was acknowledged after the server had
+                    // answered this one (the responses crossed): send it again.
+                    b.gap_resends += 1;
+                    self.queue.push_front(seq);
                 } else {
                     self.fail(Error::SequenceGap { expected, received });
                 }

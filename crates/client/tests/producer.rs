@@ -203,3 +203,77 @@ async fn close_errors_are_typed() {
     let e = p.close(Some("final".into())).await.unwrap_err();
     assert!(matches!(e, Error::StreamClosed { .. }), "{e:?}");
 }
+
+/// A 409 gap answer that reaches the client after its predecessor's
+/// acknowledgement (the responses crossed) makes the producer re-send that
+/// batch instead of failing. A scripted server orders the two responses.
+#[tokio::test]
+async fn crossed_gap_answer_is_resent() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::mpsc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Seq 1 is acknowledged first; only then is seq 2 (which overtook it) answered 409.
+    let (seq1_answered, wait_seq1) = mpsc::channel::<()>();
+    let wait_seq1 = std::sync::Arc::new(std::sync::Mutex::new(wait_seq1));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let (seq1_answered, wait_seq1, log) = (seq1_answered.clone(), wait_seq1.clone(), log2.clone());
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = BufReader::new(conn);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push_str(&line.to_ascii_lowercase());
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let header = |n: &str| head.lines().find_map(|l| l.strip_prefix(n)).map(|v| v.trim().to_string());
+                    let len: usize = header("content-length:").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    let seq = header("producer-seq:");
+                    let ok = |seq: &str| format!("HTTP/1.1 200 OK\r\nstream-next-offset: 0_{seq}\r\nproducer-epoch: 0\r\nproducer-seq: {seq}\r\ncontent-length: 0\r\n\r\n");
+                    let resp = match seq.as_deref() {
+                        None => "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nstream-next-offset: 0_0\r\ncontent-length: 0\r\n\r\n".to_string(),
+                        Some("1") => {
+                            std::thread::sleep(Duration::from_millis(100)); // let seq 2 overtake it
+                            let resp = ok("1");
+                            w.write_all(resp.as_bytes()).unwrap();
+                            seq1_answered.send(()).unwrap();
+                            log.lock().unwrap().push("1".into());
+                            continue;
+                        }
+                        Some("2") if !log.lock().unwrap().contains(&"2-gap".to_string()) => {
+                            wait_seq1.lock().unwrap().recv().unwrap();
+                            std::thread::sleep(Duration::from_millis(50)); // the client has the ack by now
+                            log.lock().unwrap().push("2-gap".into());
+                            "HTTP/1.1 409 Conflict\r\nproducer-expected-seq: 1\r\nproducer-received-seq: 2\r\ncontent-length: 0\r\n\r\n".to_string()
+                        }
+                        Some(s) => {
+                            log.lock().unwrap().push(s.to_string());
+                            ok(s)
+                        }
+                    };
+                    w.write_all(resp.as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    let s = DurableStream::new(&format!("http://{addr}/crossed")).unwrap();
+    let p = s.producer("p", ProducerOptions { max_batch_bytes: 1, max_in_flight: 4, linger: Duration::ZERO, ..ProducerOptions::default() }).unwrap();
+    p.send("a").await.unwrap(); // seq 0 establishes the epoch alone
+    p.append("b").unwrap();
+    p.append("c").unwrap();
+    p.flush().await.unwrap();
+    assert_eq!(*log.lock().unwrap(), vec!["0", "1", "2-gap", "2"], "seq 2 was re-sent after its crossed 409");
+}
