@@ -281,6 +281,8 @@ fn catch_up_reads() {
     assert_eq!(limited["upToDate"], false, "stopped before the tail: {limited}");
     let rest = a.send(json!({"type": "read", "path": p, "offset": limited["offset"]}));
     assert_eq!(read_data(&limited) + &read_data(&rest), text, "resuming from the returned offset");
+    let huge_budget = a.send(json!({"type": "read", "path": p, "timeoutMs": u64::MAX}));
+    assert_eq!(read_data(&huge_budget), text, "any timeoutMs is accepted");
     let now = a.send(json!({"type": "read", "path": p, "offset": "now"}));
     assert_eq!((read_data(&now), now["offset"].clone(), now["upToDate"].clone()), (String::new(), appended["offset"].clone(), json!(true)));
 
@@ -688,6 +690,8 @@ fn validate_targets() {
     check(json!({"target": "retry-options", "initialDelayMs": 1000, "maxDelayMs": 100}), Some("maxDelayMs"));
     check(json!({"target": "retry-options", "multiplier": 0.5}), Some("multiplier"));
     check(json!({"target": "retry-options", "multiplier": 1.5}), None);
+    check(json!({"target": "retry-options", "initialDelayMs": 1e300, "maxDelayMs": 1e301}), Some("initialDelayMs"));
+    check(json!({"target": "retry-options", "maxRetries": 2.5}), Some("maxRetries"));
     check(json!({"target": "idempotent-producer", "producerId": "test-producer", "epoch": 0, "maxBatchBytes": 1024, "maxBatchItems": 10}), None);
     check(json!({"target": "idempotent-producer"}), None);
     check(json!({"target": "idempotent-producer", "producerId": "test-producer", "epoch": -1}), Some("epoch"));

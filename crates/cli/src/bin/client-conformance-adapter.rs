@@ -20,7 +20,9 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
+use futures_util::FutureExt as _;
 use std::io::Write;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -642,7 +644,9 @@ impl Adapter {
             },
             Some(other) => return Err(Fail::invalid(format!("unknown live mode {other}"))),
         };
-        let deadline = started + Duration::from_millis(c.timeout_ms.unwrap_or(DEFAULT_READ_TIMEOUT_MS));
+        // Capped: the runner's own reply timeout is far below an hour.
+        let budget = Duration::from_millis(c.timeout_ms.unwrap_or(DEFAULT_READ_TIMEOUT_MS).min(3_600_000));
+        let deadline = started + budget;
         let max_chunks = c.max_chunks.unwrap_or(DEFAULT_MAX_CHUNKS);
         let wait_up_to_date = c.wait_for_up_to_date.unwrap_or(false);
         let requested = c.offset.clone().unwrap_or_else(|| "-1".to_string());
@@ -1124,6 +1128,11 @@ fn whole(v: f64, field: &str) -> Result<u64, Fail> {
     Ok(v as u64)
 }
 
+/// A duration given in (possibly fractional) milliseconds.
+fn millis(v: f64, field: &str) -> Result<Duration, Fail> {
+    Duration::try_from_secs_f64(v / 1000.0).map_err(|_| Fail::invalid(format!("{field} is out of range (got {v})")))
+}
+
 /// §3.14 retry options: the values must convert to the library's
 /// `RetryPolicy` (no negative counts or delays, a positive initial delay),
 /// and the policy must pass the library's validation.
@@ -1135,12 +1144,12 @@ fn validate_retry(t: &RetryTarget) -> Result<(), Fail> {
     };
     let initial_backoff = match t.initial_delay_ms {
         None => d.initial_backoff,
-        Some(v) if v.is_finite() && v > 0.0 => Duration::from_secs_f64(v / 1000.0),
+        Some(v) if v > 0.0 => millis(v, "initialDelayMs")?,
         Some(v) => return Err(Fail::invalid(format!("initialDelayMs must be > 0 (got {v})"))),
     };
     let max_backoff = match t.max_delay_ms {
         None => d.max_backoff,
-        Some(v) if v.is_finite() && v >= 0.0 => Duration::from_secs_f64(v / 1000.0),
+        Some(v) if v >= 0.0 => millis(v, "maxDelayMs")?,
         Some(v) => return Err(Fail::invalid(format!("maxDelayMs must be >= initialDelayMs (got {v})"))),
     };
     let multiplier = t.multiplier.unwrap_or(d.multiplier);
@@ -1318,7 +1327,17 @@ async fn main() {
         if text.is_empty() {
             continue;
         }
-        let (reply, next) = adapter.handle_line(text).await;
+        // A panic must not kill the adapter mid-run: answer it like any failure.
+        let (reply, next) = match AssertUnwindSafe(adapter.handle_line(text)).catch_unwind().await {
+            Ok(done) => done,
+            Err(_) => {
+                let ty = serde_json::from_str::<Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_else(|| "unknown".to_string());
+                (error_reply(&ty, &Fail::new("INTERNAL_ERROR", "the adapter panicked handling this command")), Next::Continue)
+            }
+        };
         if let Err(e) = write_reply(&reply) {
             eprintln!("client-conformance-adapter: writing stdout: {e}");
             break;
