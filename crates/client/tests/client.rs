@@ -320,17 +320,24 @@ async fn stream_seq_conflict() {
 async fn idempotent_operations_are_retried() {
     let srv = Server::start(&args());
     let proxy = Proxy::start(srv.addr).await;
-    let client = Client::builder().retry_policy(fast_retry()).build().unwrap();
+    // No pooling: every request opens a connection, so every injected
+    // failure really lands (the proxy fails the first request of a connection).
+    let unpooled = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let client = Client::builder().http_client(unpooled).retry_policy(fast_retry()).build().unwrap();
     let s = DurableStream::with_client(&client, &proxy.url(&name("retry"))).unwrap();
     proxy.fail_next(2);
     s.create_stream(CreateOptions::new().content_type("text/plain")).await.unwrap();
+    assert_eq!(proxy.injected(), 2);
     s.append_text("x").await.unwrap();
     proxy.fail_next(3);
     assert_eq!(s.stream(StreamOptions::new()).await.unwrap().text().await.unwrap(), "x");
+    assert_eq!(proxy.injected(), 5);
     proxy.fail_next(2);
     s.head().await.unwrap();
+    assert_eq!(proxy.injected(), 7);
     proxy.fail_next(2);
     s.delete().await.unwrap();
+    assert_eq!(proxy.injected(), 9);
     let no_retry = Client::builder().retry_policy(RetryPolicy::none()).build().unwrap();
     let s2 = DurableStream::with_client(&no_retry, &proxy.url(&name("noretry"))).unwrap();
     proxy.fail_next(1);

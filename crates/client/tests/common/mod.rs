@@ -142,6 +142,9 @@ struct ProxyState {
     log: Mutex<Vec<u8>>,
     /// Requests whose responses were dropped.
     dropped: AtomicUsize,
+    /// 503s actually injected (tests assert it so a reused connection
+    /// cannot make a failure test pass vacuously).
+    injected: AtomicUsize,
 }
 
 impl Proxy {
@@ -156,6 +159,7 @@ impl Proxy {
             refuse_after_drop: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
             dropped: AtomicUsize::new(0),
+            injected: AtomicUsize::new(0),
         });
         let st = state.clone();
         tokio::spawn(async move {
@@ -188,6 +192,12 @@ impl Proxy {
     pub fn set_upstream(&self, addr: SocketAddr) {
         *self.state.upstream.lock().unwrap() = addr;
     }
+    /// How many 503s were injected so far. `fail_next` only hits the first
+    /// request of a connection, so tests that need every failure to land use
+    /// a client without connection pooling and check this count.
+    pub fn injected(&self) -> usize {
+        self.state.injected.load(Ordering::SeqCst)
+    }
     pub fn dropped(&self) -> usize {
         self.state.dropped.load(Ordering::SeqCst)
     }
@@ -212,6 +222,7 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) -> std::io::Result<(
     }
     st.log.lock().unwrap().extend_from_slice(&first[..n]);
     if take_one(&st.fail_next) {
+        st.injected.fetch_add(1, Ordering::SeqCst);
         client
             .write_all(b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 0\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
             .await?;
