@@ -17,3 +17,5 @@ echo "== conformance suite (file engine)"
 data_dir="$(mktemp -d)"
 trap 'rm -rf "$data_dir"' EXIT
 CONFORMANCE_SUBSCRIPTIONS=1 SKIP_BUILD=1 NO_COLOR=1 scripts/conformance.sh --data-dir "$data_dir"
+echo "== benchmark smoke (our server only; checks completion and read-back verification, not speed)"
+BENCH_SMOKE=1 scripts/bench.sh

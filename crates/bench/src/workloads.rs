@@ -1,0 +1,910 @@
+//! The workloads of issue 5. Each runs against one freshly started server,
+//! verifies what it wrote by reading it back, and returns named metrics.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Result};
+use bytes::Bytes;
+use http::Method;
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::conn::{enc, for_each_frame, read_to_tail, Conn, SseEvent, SseParser};
+use crate::procfs::{self, Window};
+use crate::servers::Running;
+
+const PREFIX: &str = "/v1/stream/bench";
+const REC: usize = 256;
+const OCTET: &str = "application/octet-stream";
+const JSON: &str = "application/json";
+
+/// Every variant, in run order. `BENCH_WORKLOADS` selects by prefix.
+pub const VARIANTS: [&str; 12] = [
+    "append-16-streams",
+    "append-16-hot",
+    "append-256-streams",
+    "append-256-hot",
+    "producer-seq",
+    "producer-pipe4",
+    "catchup",
+    "replay",
+    "fanout-sse",
+    "fanout-longpoll",
+    "idle-sse",
+    "streams",
+];
+
+#[derive(Clone, Debug)]
+pub struct Scale {
+    pub secs: f64,
+    pub conns_small: usize,
+    pub conns_large: usize,
+    pub producers: usize,
+    pub catchup_bytes: usize,
+    pub catchup_reps: usize,
+    pub replay_events: usize,
+    pub replay_reps: usize,
+    pub fan_subs: usize,
+    pub fan_secs: f64,
+    pub fan_rate: f64,
+    pub idle_conns: usize,
+    pub streams: usize,
+}
+
+impl Scale {
+    pub fn full(secs: f64) -> Self {
+        Scale {
+            secs,
+            conns_small: 16,
+            conns_large: 256,
+            producers: 8,
+            catchup_bytes: 64 << 20,
+            catchup_reps: 3,
+            replay_events: 100_000,
+            replay_reps: 3,
+            fan_subs: 200,
+            fan_secs: 10.0,
+            fan_rate: 100.0,
+            idle_conns: 2000,
+            streams: 100_000,
+        }
+    }
+    pub fn smoke() -> Self {
+        Scale {
+            secs: 0.5,
+            conns_small: 16,
+            conns_large: 64,
+            producers: 4,
+            catchup_bytes: 2 << 20,
+            catchup_reps: 1,
+            replay_events: 5_000,
+            replay_reps: 1,
+            fan_subs: 20,
+            fan_secs: 1.0,
+            fan_rate: 100.0,
+            idle_conns: 100,
+            streams: 500,
+        }
+    }
+}
+
+pub struct Ctx<'a> {
+    pub srv: &'a Running,
+    pub scale: &'a Scale,
+    pub count_fsync: bool,
+    pub tmp: PathBuf,
+}
+
+pub type Metrics = Vec<(String, f64)>;
+
+fn m(v: &mut Metrics, k: &str, x: f64) {
+    v.push((k.to_string(), x));
+}
+
+pub async fn run(variant: &str, ctx: &Ctx<'_>) -> Result<Metrics> {
+    let s = ctx.scale;
+    match variant {
+        "append-16-streams" => appends(ctx, s.conns_small, false).await,
+        "append-16-hot" => appends(ctx, s.conns_small, true).await,
+        "append-256-streams" => appends(ctx, s.conns_large, false).await,
+        "append-256-hot" => appends(ctx, s.conns_large, true).await,
+        "producer-seq" => producers(ctx, 1).await,
+        "producer-pipe4" => producers(ctx, 4).await,
+        "catchup" => catchup(ctx).await,
+        "replay" => replay(ctx).await,
+        "fanout-sse" => fanout(ctx, true).await,
+        "fanout-longpoll" => fanout(ctx, false).await,
+        "idle-sse" => idle_sse(ctx).await,
+        "streams" => many_streams(ctx).await,
+        other => bail!("unknown workload {other}"),
+    }
+}
+
+// ---------- helpers ----------
+
+async fn create(c: &mut Conn, path: &str, ctype: &str, body: Bytes) -> Result<()> {
+    let r = c.call(Method::PUT, path, &[("content-type", ctype)], body).await?;
+    ensure!(r.status == 201 || r.status == 200, "create {path}: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+    Ok(())
+}
+
+/// A 256-byte record: writer id, sequence number, magic, deterministic filler.
+fn record(w: u32, seq: u64) -> Bytes {
+    let mut b = vec![0u8; REC];
+    b[0..4].copy_from_slice(&w.to_le_bytes());
+    b[4..12].copy_from_slice(&seq.to_le_bytes());
+    b[12..16].copy_from_slice(b"DSBR");
+    for (i, x) in b[16..].iter_mut().enumerate() {
+        *x = (w as u8) ^ (seq as u8) ^ (i as u8).wrapping_mul(7);
+    }
+    Bytes::from(b)
+}
+
+fn parse_record(r: &[u8]) -> Result<(u32, u64)> {
+    ensure!(r.len() == REC && &r[12..16] == b"DSBR", "corrupt record");
+    let w = u32::from_le_bytes(r[0..4].try_into()?);
+    let seq = u64::from_le_bytes(r[4..12].try_into()?);
+    ensure!(r[16..].iter().enumerate().all(|(i, x)| *x == (w as u8) ^ (seq as u8) ^ (i as u8).wrapping_mul(7)), "corrupt record filler");
+    Ok((w, seq))
+}
+
+/// Checks a stream of records: per writer, seqs 0..acked in order, each once;
+/// one extra record is allowed after a request whose outcome is unknown.
+fn verify_records(data: &[u8], acked: &[(u32, u64, bool)]) -> Result<()> {
+    ensure!(data.len() % REC == 0, "stream length {} is not a multiple of {REC}", data.len());
+    let mut next: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    for r in data.chunks(REC) {
+        let (w, seq) = parse_record(r)?;
+        let n = next.entry(w).or_insert(0);
+        ensure!(seq == *n, "writer {w}: record seq {seq} where {} was expected (duplicate, loss or reorder)", *n);
+        *n += 1;
+    }
+    for &(w, n, unknown) in acked {
+        let got = next.get(&w).copied().unwrap_or(0);
+        ensure!(got == n || (unknown && got == n + 1), "writer {w}: {n} appends acknowledged, {got} stored");
+    }
+    Ok(())
+}
+
+async fn read_all(c: &mut Conn, path: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    read_to_tail(c, path, |d| {
+        out.extend_from_slice(d);
+        Ok(())
+    })
+    .await?;
+    Ok(out)
+}
+
+fn pct(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+fn cost_metrics(v: &mut Metrics, w: &procfs::WindowResult, ops: f64, per: &str) {
+    if let Some(c) = w.cpu_secs {
+        if ops > 0.0 {
+            m(v, &format!("cpu_us_per_{per}"), c * 1e6 / ops);
+        }
+    }
+    if let Some(f) = w.fsyncs {
+        if ops > 0.0 {
+            m(v, &format!("fsync_per_{per}"), f as f64 / ops);
+        }
+    }
+}
+
+fn rss_metric(v: &mut Metrics, pid: u32) {
+    if let Some(r) = procfs::hwm_bytes(pid) {
+        m(v, "peak_rss_mb", r / 1e6);
+    }
+}
+
+// ---------- 1. durable appends ----------
+
+async fn appends(ctx: &Ctx<'_>, conns: usize, hot: bool) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let paths: Vec<String> = (0..conns).map(|i| if hot { format!("{PREFIX}/hot") } else { format!("{PREFIX}/s{i}") }).collect();
+    let mut c = Conn::new(addr);
+    let mut uniq: Vec<&String> = paths.iter().collect();
+    uniq.dedup();
+    for p in uniq {
+        create(&mut c, p, OCTET, Bytes::new()).await?;
+    }
+    let win = Window::start(ctx.srv.pid, ctx.count_fsync, &ctx.tmp).await?;
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(ctx.scale.secs);
+    let mut tasks = Vec::new();
+    for (w, path) in paths.iter().enumerate() {
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr);
+            let mut seq = 0u64;
+            let mut lat: Vec<u32> = Vec::with_capacity(1 << 14);
+            let mut errors = 0u64;
+            let mut unknown = false;
+            while Instant::now() < deadline {
+                let body = record(w as u32, seq);
+                let t = Instant::now();
+                match conn.call(Method::POST, &path, &[("content-type", OCTET)], body).await {
+                    Ok(r) if r.ok() => {
+                        lat.push(t.elapsed().as_micros() as u32);
+                        seq += 1;
+                    }
+                    Ok(_) => {
+                        errors += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        unknown = true;
+                        break;
+                    }
+                }
+            }
+            (w as u32, seq, unknown, lat, errors)
+        }));
+    }
+    let mut acked = Vec::new();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (w, n, unknown, l, e) = t.await?;
+        acked.push((w, n, unknown));
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let wr = win.stop().await;
+    let ops = lat.len() as f64;
+    lat.sort_unstable();
+    // Read back and verify.
+    if hot {
+        let data = read_all(&mut c, &paths[0]).await?;
+        verify_records(&data, &acked)?;
+    } else {
+        for (i, p) in paths.iter().enumerate() {
+            let data = read_all(&mut c, p).await?;
+            verify_records(&data, &acked[i..=i])?;
+        }
+    }
+    let mut v = Metrics::new();
+    m(&mut v, "ops_s", ops / elapsed);
+    m(&mut v, "p50_ms", pct(&lat, 0.5));
+    m(&mut v, "p99_ms", pct(&lat, 0.99));
+    cost_metrics(&mut v, &wr, ops, "op");
+    m(&mut v, "errors", errors as f64);
+    rss_metric(&mut v, ctx.srv.pid);
+    Ok(v)
+}
+
+// ---------- 2. idempotent producers ----------
+
+struct Producer {
+    next: AtomicU64,
+    acked: Mutex<(u64, BTreeSet<u64>)>,
+    contiguous: tokio::sync::watch::Sender<u64>,
+}
+
+impl Producer {
+    fn ack(&self, seq: u64) {
+        let mut g = self.acked.lock();
+        g.1.insert(seq);
+        loop {
+            let c = g.0;
+            if !g.1.remove(&c) {
+                break;
+            }
+            g.0 += 1;
+        }
+        let c = g.0;
+        drop(g);
+        self.contiguous.send_replace(c);
+    }
+}
+
+async fn producers(ctx: &Ctx<'_>, inflight: usize) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let np = ctx.scale.producers;
+    let mut c = Conn::new(addr);
+    for i in 0..np {
+        create(&mut c, &format!("{PREFIX}/p{i}"), OCTET, Bytes::new()).await?;
+    }
+    let prods: Vec<Arc<Producer>> = (0..np)
+        .map(|_| Arc::new(Producer { next: AtomicU64::new(0), acked: Mutex::new((0, BTreeSet::new())), contiguous: tokio::sync::watch::channel(0).0 }))
+        .collect();
+    let gaps = Arc::new(AtomicU64::new(0));
+    let dups = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let win = Window::start(ctx.srv.pid, ctx.count_fsync, &ctx.tmp).await?;
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(ctx.scale.secs);
+    let mut tasks = Vec::new();
+    for (i, p) in prods.iter().enumerate() {
+        for _lane in 0..inflight {
+            let p = p.clone();
+            let (gaps, dups, errors) = (gaps.clone(), dups.clone(), errors.clone());
+            let path = format!("{PREFIX}/p{i}");
+            tasks.push(tokio::spawn(async move {
+                let mut conn = Conn::new(addr);
+                let mut lat: Vec<u32> = Vec::with_capacity(1 << 12);
+                let id = format!("bench-{i}");
+                let mut rx = p.contiguous.subscribe();
+                'outer: while Instant::now() < deadline {
+                    let seq = p.next.fetch_add(1, Ordering::SeqCst);
+                    let seq_s = seq.to_string();
+                    let t = Instant::now();
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        if tries > 1000 {
+                            return Err(anyhow!("producer {i} seq {seq}: gave up after 1000 attempts"));
+                        }
+                        let hdrs = [("content-type", OCTET), ("producer-id", id.as_str()), ("producer-epoch", "0"), ("producer-seq", seq_s.as_str())];
+                        let r = conn.call(Method::POST, &path, &hdrs, record(i as u32, seq)).await?;
+                        match r.status {
+                            200 | 201 | 204 => {
+                                if r.status == 204 {
+                                    dups.fetch_add(1, Ordering::Relaxed);
+                                }
+                                lat.push(t.elapsed().as_micros() as u32);
+                                p.ack(seq);
+                                continue 'outer;
+                            }
+                            409 => {
+                                let expected: Option<u64> = r.header("producer-expected-seq").and_then(|v| v.parse().ok());
+                                match expected {
+                                    Some(e) if e < seq => {
+                                        // Sequence gap: our predecessor is still in flight.
+                                        // A correct pipelined client waits for it, then retries.
+                                        gaps.fetch_add(1, Ordering::Relaxed);
+                                        let w = rx.wait_for(|c| *c >= seq);
+                                        if tokio::time::timeout(Duration::from_secs(10), w).await.is_err() {
+                                            return Err(anyhow!("producer {i} seq {seq}: predecessor never acknowledged"));
+                                        }
+                                    }
+                                    _ => return Err(anyhow!("producer {i} seq {seq}: 409 {:?}", String::from_utf8_lossy(&r.body))),
+                                }
+                            }
+                            s => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                if s == 400 || s == 403 || s == 404 {
+                                    return Err(anyhow!("producer {i} seq {seq}: HTTP {s} {}", String::from_utf8_lossy(&r.body)));
+                                }
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        }
+                    }
+                }
+                Ok::<_, anyhow::Error>(lat)
+            }));
+        }
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let wr = win.stop().await;
+    lat.sort_unstable();
+    let ops = lat.len() as f64;
+    // Exactly-once: every issued seq stored once, in order.
+    for (i, p) in prods.iter().enumerate() {
+        let data = read_all(&mut c, &format!("{PREFIX}/p{i}")).await?;
+        let issued = p.next.load(Ordering::SeqCst);
+        verify_records(&data, &[(i as u32, issued, false)])?;
+    }
+    let mut v = Metrics::new();
+    m(&mut v, "ops_s", ops / elapsed);
+    m(&mut v, "p50_ms", pct(&lat, 0.5));
+    m(&mut v, "p99_ms", pct(&lat, 0.99));
+    m(&mut v, "gap_409", gaps.load(Ordering::Relaxed) as f64);
+    m(&mut v, "gap_409_per_op", gaps.load(Ordering::Relaxed) as f64 / ops.max(1.0));
+    m(&mut v, "dup_204", dups.load(Ordering::Relaxed) as f64);
+    cost_metrics(&mut v, &wr, ops, "op");
+    m(&mut v, "errors", errors.load(Ordering::Relaxed) as f64);
+    Ok(v)
+}
+
+// ---------- 3. catch-up reads ----------
+
+fn pattern(n: usize) -> Bytes {
+    let mut b = vec![0u8; n];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for chunk in b.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    Bytes::from(b)
+}
+
+async fn catchup(ctx: &Ctx<'_>) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let path = format!("{PREFIX}/big");
+    let data = pattern(ctx.scale.catchup_bytes);
+    let mut c = Conn::new(addr);
+    create(&mut c, &path, OCTET, Bytes::new()).await?;
+    for piece in data.chunks(256 << 10) {
+        let r = c.call(Method::POST, &path, &[("content-type", OCTET)], data.slice_ref(piece)).await?;
+        ensure!(r.ok(), "fill: HTTP {}", r.status);
+    }
+    let readers = 4;
+    let reps = ctx.scale.catchup_reps;
+    // Read at least `reps` times, and for at least half the run duration, so
+    // fast servers are timed over a long enough phase.
+    let until = Instant::now() + Duration::from_secs_f64(ctx.scale.secs / 2.0);
+    let win = Window::start(ctx.srv.pid, false, &ctx.tmp).await?;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..readers {
+        let (data, path) = (data.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr);
+            let mut total = 0u64;
+            let mut rep = 0;
+            while rep < reps || Instant::now() < until {
+                rep += 1;
+                let mut pos = 0usize;
+                let (n, _) = read_to_tail(&mut conn, &path, |d| {
+                    ensure!(pos + d.len() <= data.len() && d == &data[pos..pos + d.len()], "catch-up bytes differ at {pos}");
+                    pos += d.len();
+                    Ok(())
+                })
+                .await?;
+                ensure!(pos == data.len(), "catch-up read {pos} of {} bytes", data.len());
+                total += n;
+            }
+            Ok::<_, anyhow::Error>(total)
+        }));
+    }
+    let mut bytes = 0u64;
+    for t in tasks {
+        bytes += t.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let wr = win.stop().await;
+    let mb = bytes as f64 / 1e6;
+    let mut v = Metrics::new();
+    m(&mut v, "mb_s", mb / elapsed);
+    if let Some(cpu) = wr.cpu_secs {
+        m(&mut v, "cpu_ms_per_mb", cpu * 1e3 / mb);
+    }
+    rss_metric(&mut v, ctx.srv.pid);
+    Ok(v)
+}
+
+// ---------- 4. JSON replay ----------
+
+#[derive(Deserialize)]
+struct Ev {
+    id: u64,
+}
+
+async fn replay(ctx: &Ctx<'_>) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let path = format!("{PREFIX}/events");
+    let n = ctx.scale.replay_events;
+    let mut c = Conn::new(addr);
+    create(&mut c, &path, JSON, Bytes::new()).await?;
+    let pad = "x".repeat(52);
+    let mut i = 0;
+    while i < n {
+        let end = (i + 1000).min(n);
+        let mut body = String::from("[");
+        for id in i..end {
+            if id > i {
+                body.push(',');
+            }
+            // ~100 bytes per event
+            body.push_str(&format!(r#"{{"id":{id},"type":"bench.event","v":{{"pad":"{pad}"}}}}"#));
+        }
+        body.push(']');
+        let r = c.call(Method::POST, &path, &[("content-type", JSON)], Bytes::from(body)).await?;
+        ensure!(r.ok(), "fill: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+        i = end;
+    }
+    let reps = ctx.scale.replay_reps;
+    let win = Window::start(ctx.srv.pid, false, &ctx.tmp).await?;
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs_f64(ctx.scale.secs / 2.0);
+    let mut first: Option<Vec<Bytes>> = None;
+    let mut first_cat: Vec<u8> = Vec::new();
+    let mut cat: Vec<u8> = Vec::new();
+    let mut bytes = 0usize;
+    let mut done = 0usize;
+    while done < reps || Instant::now() < until {
+        done += 1;
+        let mut off = "-1".to_string();
+        let mut got = Vec::new();
+        loop {
+            let r = c.get(&format!("{path}?offset={}", enc(&off))).await?;
+            ensure!(r.status == 200, "replay: HTTP {}", r.status);
+            let next = r.header("stream-next-offset").ok_or_else(|| anyhow!("no Stream-Next-Offset"))?.to_string();
+            let utd = r.headers.contains_key("stream-up-to-date");
+            bytes += r.body.len();
+            let empty = r.body.is_empty();
+            got.push(r.body);
+            if utd || (empty && next == off) {
+                break;
+            }
+            off = next;
+        }
+        // Later replays must return exactly the bytes of the first one.
+        if first.is_none() {
+            first_cat = got.iter().flat_map(|b| b.iter().copied()).collect();
+            first = Some(got);
+        } else {
+            cat.clear();
+            for b in &got {
+                cat.extend_from_slice(b);
+            }
+            ensure!(cat == first_cat, "replay {done} returned different bytes than the first");
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let wr = win.stop().await;
+    if let Some(got) = &first {
+        let mut expect = 0u64;
+        for b in got {
+            let evs: Vec<Ev> = serde_json::from_slice(b).map_err(|e| anyhow!("replay body is not a JSON array of events: {e}"))?;
+            for e in evs {
+                ensure!(e.id == expect, "replay: event {} where {expect} was expected", e.id);
+                expect += 1;
+            }
+        }
+        ensure!(expect == n as u64, "replay returned {expect} of {n} events");
+    }
+    let events = (n * done) as f64;
+    let mut v = Metrics::new();
+    m(&mut v, "events_s", events / elapsed);
+    m(&mut v, "mb_s", bytes as f64 / 1e6 / elapsed);
+    if let Some(cpu) = wr.cpu_secs {
+        m(&mut v, "cpu_ns_per_event", cpu * 1e9 / events);
+    }
+    Ok(v)
+}
+
+// ---------- 5. live fan-out ----------
+
+#[derive(Deserialize)]
+struct FanEv {
+    i: u64,
+    t: u64,
+}
+
+#[derive(Default)]
+struct Sub {
+    lat: Vec<u32>,
+    next: u64,
+    got: u64,
+    bad: u64,
+    reconnects: u64,
+}
+
+fn deliver(sub: &Mutex<Sub>, t0: Instant, body: &[u8]) -> Result<()> {
+    let evs: Vec<FanEv> = serde_json::from_slice(body)?;
+    let now = t0.elapsed().as_micros() as u64;
+    let mut s = sub.lock();
+    for e in evs {
+        if e.i != s.next {
+            s.bad += 1;
+        }
+        s.next = e.i + 1;
+        s.got += 1;
+        s.lat.push(now.saturating_sub(e.t) as u32);
+    }
+    Ok(())
+}
+
+async fn sse_subscriber(addr: std::net::SocketAddr, path: String, sub: Arc<Mutex<Sub>>, ready: Arc<AtomicUsize>, t0: Instant) -> Result<()> {
+    let mut conn = Conn::new(addr);
+    let mut off = "-1".to_string();
+    let mut first = true;
+    loop {
+        let resp = conn.send(Method::GET, &format!("{path}?offset={}&live=sse", enc(&off)), &[], Bytes::new()).await?;
+        ensure!(resp.status() == 200, "SSE: HTTP {}", resp.status());
+        let mut parser = SseParser::default();
+        let mut evs: Vec<SseEvent> = Vec::new();
+        let mut err: Option<anyhow::Error> = None;
+        for_each_frame(resp.into_body(), |d| {
+            parser.push(d, &mut evs);
+            for e in evs.drain(..) {
+                if e.event == "data" {
+                    if let Err(x) = deliver(&sub, t0, e.data.as_bytes()) {
+                        err = Some(x);
+                    }
+                } else if e.event == "control" {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&e.data) {
+                        if let Some(o) = v.get("streamNextOffset").and_then(|o| o.as_str()) {
+                            off = o.to_string();
+                        }
+                    }
+                    if first {
+                        first = false;
+                        ready.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        sub.lock().reconnects += 1;
+    }
+}
+
+async fn lp_subscriber(addr: std::net::SocketAddr, path: String, sub: Arc<Mutex<Sub>>, ready: Arc<AtomicUsize>, t0: Instant) -> Result<()> {
+    let mut conn = Conn::new(addr);
+    let (_, mut off) = read_to_tail(&mut conn, &path, |_| Ok(())).await?;
+    let mut cursor: Option<String> = None;
+    ready.fetch_add(1, Ordering::SeqCst);
+    loop {
+        let mut q = format!("{path}?offset={}&live=long-poll", enc(&off));
+        if let Some(c) = &cursor {
+            q.push_str(&format!("&cursor={}", enc(c)));
+        }
+        let r = conn.get(&q).await?;
+        match r.status {
+            200 => deliver(&sub, t0, &r.body)?,
+            204 => {}
+            s => bail!("long-poll: HTTP {s}"),
+        }
+        if let Some(n) = r.header("stream-next-offset") {
+            off = n.to_string();
+        }
+        cursor = r.header("stream-cursor").map(str::to_string);
+    }
+}
+
+async fn fanout(ctx: &Ctx<'_>, sse: bool) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let path = format!("{PREFIX}/fan");
+    let nsubs = ctx.scale.fan_subs;
+    let mut c = Conn::new(addr);
+    create(&mut c, &path, JSON, Bytes::new()).await?;
+    let t0 = Instant::now();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let subs: Vec<Arc<Mutex<Sub>>> = (0..nsubs).map(|_| Arc::new(Mutex::new(Sub::default()))).collect();
+    let mut tasks = Vec::new();
+    for s in &subs {
+        let (s, ready, path) = (s.clone(), ready.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            if sse {
+                sse_subscriber(addr, path, s, ready, t0).await
+            } else {
+                lp_subscriber(addr, path, s, ready, t0).await
+            }
+        }));
+    }
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while ready.load(Ordering::SeqCst) < nsubs {
+        if Instant::now() > wait_until || tasks.iter().any(|t| t.is_finished()) {
+            for t in &tasks {
+                t.abort();
+            }
+            bail!("only {} of {nsubs} subscribers connected", ready.load(Ordering::SeqCst));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let long-polls park on the server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let win = Window::start(ctx.srv.pid, false, &ctx.tmp).await?;
+    let total = (ctx.scale.fan_secs * ctx.scale.fan_rate) as u64;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / ctx.scale.fan_rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let errors = 0u64;
+    let mut sent = 0u64;
+    let w0 = Instant::now();
+    for i in 0..total {
+        tick.tick().await;
+        let body = format!(r#"{{"i":{i},"t":{}}}"#, t0.elapsed().as_micros());
+        let r = c.call(Method::POST, &path, &[("content-type", JSON)], Bytes::from(body)).await?;
+        if r.ok() {
+            sent += 1;
+        } else {
+            bail!("fan-out append {i}: HTTP {}", r.status);
+        }
+    }
+    let drain = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < drain && subs.iter().any(|s| s.lock().got < sent) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = w0.elapsed().as_secs_f64();
+    let wr = win.stop().await;
+    let mut failed = None;
+    for t in &tasks {
+        if t.is_finished() {
+            failed = Some(());
+        }
+        t.abort();
+    }
+    for t in tasks {
+        if let Ok(Err(e)) = t.await {
+            bail!("subscriber failed: {e:#}");
+        }
+    }
+    ensure!(failed.is_none(), "a subscriber ended early");
+    let mut lat = Vec::new();
+    let mut got = 0u64;
+    let mut bad = 0u64;
+    for s in &subs {
+        let s = s.lock();
+        lat.extend_from_slice(&s.lat);
+        got += s.got;
+        bad += s.bad;
+    }
+    ensure!(bad == 0, "{bad} deliveries out of order or duplicated");
+    lat.sort_unstable();
+    let mut v = Metrics::new();
+    m(&mut v, "p50_ms", pct(&lat, 0.5));
+    m(&mut v, "p99_ms", pct(&lat, 0.99));
+    m(&mut v, "max_ms", pct(&lat, 1.0));
+    m(&mut v, "delivered", got as f64 / (sent as f64 * nsubs as f64));
+    if let Some(cpu) = wr.cpu_secs {
+        m(&mut v, "cpu_pct", cpu * 100.0 / elapsed);
+        m(&mut v, "cpu_us_per_delivery", cpu * 1e6 / (got.max(1) as f64));
+    }
+    m(&mut v, "errors", errors as f64);
+    Ok(v)
+}
+
+// ---------- 6. idle SSE connections ----------
+
+async fn idle_sse(ctx: &Ctx<'_>) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let pid = ctx.srv.pid;
+    let path = format!("{PREFIX}/idle");
+    let n = ctx.scale.idle_conns;
+    let mut c = Conn::new(addr);
+    create(&mut c, &path, "text/plain", Bytes::new()).await?;
+    // Warm the server's read path once, then take the baseline.
+    {
+        let mut w = Conn::new(addr);
+        let _ = read_all(&mut w, &path).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
+    let ready = Arc::new(AtomicUsize::new(0));
+    let pinged = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(100));
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (ready, pinged, gate, path) = (ready.clone(), pinged.clone(), gate.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await?;
+            let mut conn = Conn::new(addr);
+            let resp = conn.send(Method::GET, &format!("{path}?offset=-1&live=sse"), &[], Bytes::new()).await?;
+            ensure!(resp.status() == 200, "SSE: HTTP {}", resp.status());
+            let mut parser = SseParser::default();
+            let mut evs = Vec::new();
+            let mut permit = Some(permit);
+            for_each_frame(resp.into_body(), |d| {
+                parser.push(d, &mut evs);
+                for e in evs.drain(..) {
+                    if e.event == "control" && permit.is_some() {
+                        permit = None;
+                        ready.fetch_add(1, Ordering::SeqCst);
+                    } else if e.event == "data" && e.data.contains("ping") {
+                        pinged.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    while ready.load(Ordering::SeqCst) < n && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connected = ready.load(Ordering::SeqCst);
+    let result = async {
+        ensure!(connected == n, "only {connected} of {n} SSE connections established");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let win = Window::start(pid, false, &ctx.tmp).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let wr = win.stop().await;
+        let rss1 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
+        // Prove they are live: one append must reach every connection.
+        let t = Instant::now();
+        let r = c.call(Method::POST, &path, &[("content-type", "text/plain")], Bytes::from_static(b"ping")).await?;
+        ensure!(r.ok(), "ping append: HTTP {}", r.status);
+        while pinged.load(Ordering::SeqCst) < n && t.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let fanout_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut v = Metrics::new();
+        m(&mut v, "kb_per_conn", (rss1 - rss0) / n as f64 / 1024.0);
+        m(&mut v, "rss_mb", rss1 / 1e6);
+        if let Some(cpu) = wr.cpu_secs {
+            m(&mut v, "idle_cpu_pct", cpu * 100.0);
+        }
+        m(&mut v, "delivered", pinged.load(Ordering::SeqCst) as f64 / n as f64);
+        m(&mut v, "ping_all_ms", fanout_ms);
+        Ok(v)
+    }
+    .await;
+    for t in &tasks {
+        t.abort();
+    }
+    result
+}
+
+// ---------- 7. many streams ----------
+
+async fn many_streams(ctx: &Ctx<'_>) -> Result<Metrics> {
+    let addr = ctx.srv.addr;
+    let pid = ctx.srv.pid;
+    let n = ctx.scale.streams;
+    let workers = 64usize;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss0 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
+    let (disk0, _) = procfs::disk_usage(&ctx.srv.data_dir);
+    let body = |i: usize| format!("stream {i:08} first message 0123456789abcdef\n");
+    let win = Window::start(pid, ctx.count_fsync, &ctx.tmp).await?;
+    let t0 = Instant::now();
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (errors, stop) = (errors.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::new(addr);
+            let mut done = 0u64;
+            for i in (w..n).step_by(workers) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = conn.call(Method::PUT, &format!("{PREFIX}/m/{i}"), &[("content-type", "text/plain")], Bytes::from(body(i))).await?;
+                if r.status == 201 {
+                    done += 1;
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    stop.store(true, Ordering::Relaxed);
+                    bail!("create {i}: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+                }
+            }
+            Ok::<_, anyhow::Error>(done)
+        }));
+    }
+    let mut created = 0u64;
+    for t in tasks {
+        created += t.await??;
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let wr = win.stop().await;
+    ensure!(created == n as u64, "{created} of {n} streams created");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss1 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
+    let (disk1, apparent1) = procfs::disk_usage(&ctx.srv.data_dir);
+    // Verify a sample (and the first and last).
+    let mut c = Conn::new(addr);
+    let step = (n / 500).max(1);
+    for i in (0..n).step_by(step).chain([n - 1]) {
+        let data = read_all(&mut c, &format!("{PREFIX}/m/{i}")).await?;
+        ensure!(data == body(i).as_bytes(), "stream {i}: content differs");
+    }
+    let mut v = Metrics::new();
+    m(&mut v, "creates_s", created as f64 / elapsed);
+    m(&mut v, "mem_kb_per_stream", (rss1 - rss0) / n as f64 / 1024.0);
+    if ctx.srv.kind.durable() {
+        m(&mut v, "disk_kb_per_stream", (disk1.saturating_sub(disk0)) as f64 / n as f64 / 1024.0);
+        m(&mut v, "disk_apparent_kb_per_stream", apparent1 as f64 / n as f64 / 1024.0);
+    }
+    cost_metrics(&mut v, &wr, created as f64, "create");
+    m(&mut v, "errors", errors.load(Ordering::Relaxed) as f64);
+    Ok(v)
+}
