@@ -274,7 +274,7 @@ and verified after the measured phase (a verification failure fails the run).
 | streams | 100,000 streams created by `PUT` with a ~45 B first message, 64 connections; RSS and data-dir growth (allocated blocks) per stream; a sample of 500 read back. |
 
 Server CPU is utime+stime from `/proc/PID/stat` over the measured phase; memory is VmRSS/VmHWM from `/proc/PID/status`.
-fsync calls are counted by the kernel: `perf stat -e syscalls:sys_enter_{fsync,fdatasync,syscalls,sync_file_range,msync} -p PID`
+fsync calls are counted by the kernel: `perf stat -e syscalls:sys_enter_{fsync,fdatasync,syncfs,sync_file_range,msync} -p PID`
 over the measured phase (all threads). Writes opened with O_SYNC/O_DSYNC would not be counted; neither Rust server uses them (both call `fdatasync`).
 ";
 
