@@ -359,7 +359,11 @@ pub fn scan_segment(buf: &Bytes) -> Scan {
                 records.push((pos as u64, r));
                 pos = end;
             }
-            None => return Scan { records, valid_end: pos as u64, torn: true },
+            None => {
+                // A zero-filled (preallocated) tail is the clean end.
+                let torn = buf[pos..].iter().any(|b| *b != 0);
+                return Scan { records, valid_end: pos as u64, torn };
+            }
         }
     }
 }
@@ -403,6 +407,27 @@ mod tests {
         let scan = scan_segment(&Bytes::from(segment(&recs)));
         assert!(!scan.torn);
         assert_eq!(scan.records.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), recs);
+    }
+
+    /// A preallocated (zero-filled) tail after the records is a clean end;
+    /// a partial record before the zeros is still a torn tail.
+    #[test]
+    fn zero_tail_is_clean_but_partial_record_is_torn() {
+        let recs = sample();
+        let mut seg = segment(&recs);
+        let full = seg.len();
+        seg.extend(std::iter::repeat_n(0u8, 4096));
+        let scan = scan_segment(&Bytes::from(seg.clone()));
+        assert!(!scan.torn);
+        assert_eq!(scan.records.len(), recs.len());
+        assert_eq!(scan.valid_end, full as u64);
+        let mut partial = segment(&recs[..1]);
+        let one = partial.len();
+        partial.extend_from_slice(&seg[one..one + 5]);
+        partial.extend(std::iter::repeat_n(0u8, 4096));
+        let scan = scan_segment(&Bytes::from(partial));
+        assert!(scan.torn);
+        assert_eq!(scan.records.len(), 1);
     }
 
     /// Cutting a segment anywhere yields exactly the records that were

