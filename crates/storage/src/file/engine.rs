@@ -119,6 +119,10 @@ struct PState {
     json_marks: Vec<u64>,
 }
 
+/// Reads up to this size are done on the calling task, larger ones on the
+/// blocking pool.
+const INLINE_READ_BYTES: u64 = 64 * 1024;
+
 /// Spacing of the sparse JSON boundary index (bytes): bounds the scan per read.
 const JSON_MARK_SPACING: u64 = 16 * 1024;
 
@@ -1260,7 +1264,8 @@ impl Engine for FileEngine {
             None
         };
         let s2 = s.clone();
-        let (next, data) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<Bytes>), StorageError> {
+        let small = tail.min(start.saturating_add(max)) - start <= INLINE_READ_BYTES;
+        let work = move || -> Result<(u64, Vec<Bytes>), StorageError> {
             let mut end = tail.min(start.saturating_add(max));
             let mut data = Vec::new();
             inner.read_range(&s2, start, end, &mut data)?;
@@ -1325,9 +1330,16 @@ impl Engine for FileEngine {
                 data = trimmed;
             }
             Ok((end, data))
-        })
-        .await
-        .map_err(|e| StorageError::Io(e.to_string()))??;
+        };
+        // Small reads (live readers at the tail: typically a few hundred
+        // bytes, from the page cache) run inline; handing them to the
+        // blocking pool costs more than the read. Large catch-up reads go to
+        // the pool so they never stall the runtime.
+        let (next, data) = if small {
+            work()?
+        } else {
+            tokio::task::spawn_blocking(work).await.map_err(|e| StorageError::Io(e.to_string()))??
+        };
         let mut meta = meta;
         if next != tail {
             meta.closed = meta.closed && next == tail;
