@@ -41,7 +41,11 @@ pub fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 impl Conn {
     pub fn new(addr: SocketAddr) -> Self {
-        Conn { addr, host: addr.to_string(), tx: None }
+        Conn {
+            addr,
+            host: addr.to_string(),
+            tx: None,
+        }
     }
 
     async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>> {
@@ -50,7 +54,9 @@ impl Conn {
             None => false,
         };
         if !alive {
-            let stream = TcpStream::connect(self.addr).await.with_context(|| format!("connect {}", self.addr))?;
+            let stream = TcpStream::connect(self.addr)
+                .await
+                .with_context(|| format!("connect {}", self.addr))?;
             stream.set_nodelay(true)?;
             let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(async move {
@@ -62,8 +68,17 @@ impl Conn {
     }
 
     /// Sends a request and returns the response head with its streaming body.
-    pub async fn send(&mut self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Response<Incoming>> {
-        let mut b = Request::builder().method(method).uri(path).header("host", self.host.as_str());
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Response<Incoming>> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.host.as_str());
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
@@ -79,11 +94,21 @@ impl Conn {
     }
 
     /// Sends a request and reads the whole body.
-    pub async fn call(&mut self, method: Method, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Resp> {
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Resp> {
         let resp = self.send(method, path, headers, body).await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
-        Ok(Resp { status: parts.status.as_u16(), headers: parts.headers, body })
+        Ok(Resp {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
     }
 
     pub async fn get(&mut self, path: &str) -> Result<Resp> {
@@ -92,7 +117,10 @@ impl Conn {
 }
 
 /// Reads a whole body frame by frame, handing each data frame to `f`.
-pub async fn for_each_frame(mut body: Incoming, mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+pub async fn for_each_frame(
+    mut body: Incoming,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<u64> {
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame?;
@@ -121,16 +149,29 @@ pub fn enc(s: &str) -> String {
 /// Catch-up reads `path` from offset -1 to the tail, following
 /// `Stream-Next-Offset`, handing every body chunk to `f`. Returns the bytes
 /// read and the final offset.
-pub async fn read_to_tail(conn: &mut Conn, path: &str, mut f: impl FnMut(&[u8]) -> Result<()>) -> Result<(u64, String)> {
+pub async fn read_to_tail(
+    conn: &mut Conn,
+    path: &str,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<(u64, String)> {
     let mut off = "-1".to_string();
     let mut total = 0u64;
     loop {
-        let resp = conn.send(Method::GET, &format!("{path}?offset={}", enc(&off)), &[], Bytes::new()).await?;
+        let resp = conn
+            .send(
+                Method::GET,
+                &format!("{path}?offset={}", enc(&off)),
+                &[],
+                Bytes::new(),
+            )
+            .await?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(anyhow!("catch-up read of {path} at {off}: HTTP {status}"));
         }
-        let next = header(resp.headers(), "stream-next-offset").ok_or_else(|| anyhow!("no Stream-Next-Offset"))?.to_string();
+        let next = header(resp.headers(), "stream-next-offset")
+            .ok_or_else(|| anyhow!("no Stream-Next-Offset"))?
+            .to_string();
         let utd = resp.headers().contains_key("stream-up-to-date");
         let n = for_each_frame(resp.into_body(), &mut f).await?;
         total += n;
@@ -156,14 +197,18 @@ pub struct SseEvent {
 impl SseParser {
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) {
         if chunk.contains(&b'\r') {
-            self.buf.extend(chunk.iter().copied().filter(|&b| b != b'\r'));
+            self.buf
+                .extend(chunk.iter().copied().filter(|&b| b != b'\r'));
         } else {
             self.buf.extend_from_slice(chunk);
         }
         while let Some(pos) = self.buf.windows(2).position(|w| w == b"\n\n") {
             let raw = self.buf.split_to(pos + 2);
             let text = String::from_utf8_lossy(&raw[..pos]);
-            let mut ev = SseEvent { event: "message".into(), data: String::new() };
+            let mut ev = SseEvent {
+                event: "message".into(),
+                data: String::new(),
+            };
             let mut first = true;
             for line in text.split('\n') {
                 if let Some(v) = line.strip_prefix("event:") {

@@ -44,7 +44,9 @@ fn parse_args(a: &[String]) -> Result<Args> {
     let mut flags = Vec::new();
     let mut i = 0;
     while i < a.len() {
-        let k = a[i].strip_prefix("--").ok_or_else(|| anyhow!("unexpected argument {}", a[i]))?;
+        let k = a[i]
+            .strip_prefix("--")
+            .ok_or_else(|| anyhow!("unexpected argument {}", a[i]))?;
         if k == "smoke" {
             flags.push(k.to_string());
             i += 1;
@@ -73,7 +75,9 @@ fn main() -> Result<()> {
         std::process::exit(2);
     };
     let args = parse_args(&argv[1..])?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match cmd.as_str() {
         "run" => rt.block_on(run(args)),
         "report" => rt.block_on(report::report(&args.map)),
@@ -97,29 +101,55 @@ async fn run(args: Args) -> Result<()> {
     let smoke = args.flags.iter().any(|f| f == "smoke");
     let get = |k: &str| args.map.get(k).cloned();
     let ours = PathBuf::from(get("ours").ok_or_else(|| anyhow!("--ours BIN is required"))?);
-    let bins = Binaries { ours, upstream: get("upstream").map(PathBuf::from), node_dir: get("node-dir").map(PathBuf::from), server_cpus: get("server-cpus") };
+    let bins = Binaries {
+        ours,
+        upstream: get("upstream").map(PathBuf::from),
+        node_dir: get("node-dir").map(PathBuf::from),
+        server_cpus: get("server-cpus"),
+    };
     let servers: Vec<Kind> = match get("servers") {
-        Some(s) => s.split(',').filter(|x| !x.is_empty()).map(|x| Kind::parse(x).ok_or_else(|| anyhow!("unknown server {x}"))).collect::<Result<_>>()?,
+        Some(s) => s
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| Kind::parse(x).ok_or_else(|| anyhow!("unknown server {x}")))
+            .collect::<Result<_>>()?,
         None if smoke => vec![Kind::OursMem, Kind::OursFile],
         None => servers::ALL.to_vec(),
     };
     let variants: Vec<&str> = match get("workloads") {
         Some(w) => {
             let pre: Vec<&str> = w.split(',').filter(|x| !x.is_empty()).collect();
-            VARIANTS.iter().copied().filter(|v| pre.iter().any(|p| v.starts_with(p))).collect()
+            VARIANTS
+                .iter()
+                .copied()
+                .filter(|v| pre.iter().any(|p| v.starts_with(p)))
+                .collect()
         }
         None => VARIANTS.to_vec(),
     };
     if variants.is_empty() {
         bail!("no workload matches");
     }
-    let rounds: usize = get("rounds").map(|r| r.parse()).transpose()?.unwrap_or(if smoke { 1 } else { 3 });
+    let rounds: usize = get("rounds")
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(if smoke { 1 } else { 3 });
     let secs: f64 = get("secs").map(|r| r.parse()).transpose()?.unwrap_or(5.0);
-    let scale = if smoke { Scale::smoke() } else { Scale::full(secs) };
+    let scale = if smoke {
+        Scale::smoke()
+    } else {
+        Scale::full(secs)
+    };
     let work = PathBuf::from(get("work-dir").unwrap_or_else(|| "target/bench".into()));
     std::fs::create_dir_all(work.join("logs"))?;
-    let out = PathBuf::from(get("out").unwrap_or_else(|| work.join("results.jsonl").to_string_lossy().to_string()));
-    let mut outf = std::fs::OpenOptions::new().create(true).append(true).open(&out).with_context(|| format!("open {}", out.display()))?;
+    let out = PathBuf::from(
+        get("out").unwrap_or_else(|| work.join("results.jsonl").to_string_lossy().to_string()),
+    );
+    let mut outf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&out)
+        .with_context(|| format!("open {}", out.display()))?;
     let count_fsync = procfs::perf_available().await;
     if !count_fsync {
         eprintln!("ds-bench: `perf stat` cannot count syscall tracepoints here; fsync counts will be missing");
@@ -135,18 +165,32 @@ async fn run(args: Args) -> Result<()> {
                 let tag = format!("{variant}-{}-r{round}", kind.name());
                 let data_dir = work.join("data").join(&tag);
                 let log = work.join("logs").join(format!("{tag}.log"));
-                let mut rec = Record { variant: variant.to_string(), server: kind.name().into(), round, ok: false, error: None, metrics: BTreeMap::new() };
+                let mut rec = Record {
+                    variant: variant.to_string(),
+                    server: kind.name().into(),
+                    round,
+                    ok: false,
+                    error: None,
+                    metrics: BTreeMap::new(),
+                };
                 match servers::start(kind, &bins, &data_dir, &log).await {
                     Err(e) => rec.error = Some(format!("{e:#}")),
                     Ok(mut srv) => {
-                        let ctx = Ctx { srv: &srv, scale: &scale, count_fsync, tmp: work.clone() };
+                        let ctx = Ctx {
+                            srv: &srv,
+                            scale: &scale,
+                            count_fsync,
+                            tmp: work.clone(),
+                        };
                         match tokio::time::timeout(timeout, workloads::run(variant, &ctx)).await {
                             Ok(Ok(m)) => {
                                 rec.ok = true;
                                 rec.metrics = m.into_iter().collect();
                             }
                             Ok(Err(e)) => rec.error = Some(format!("{e:#}")),
-                            Err(_) => rec.error = Some(format!("timed out after {}s", timeout.as_secs())),
+                            Err(_) => {
+                                rec.error = Some(format!("timed out after {}s", timeout.as_secs()))
+                            }
                         }
                         srv.stop().await;
                     }
@@ -155,15 +199,26 @@ async fn run(args: Args) -> Result<()> {
                 if !rec.ok {
                     failures += 1;
                 }
-                let summary: Vec<String> = rec.metrics.iter().map(|(k, v)| format!("{k}={}", report::fmt(*v))).collect();
-                eprintln!("{tag}: {} {}", if rec.ok { "ok" } else { "FAILED" }, rec.error.clone().unwrap_or_else(|| summary.join(" ")));
+                let summary: Vec<String> = rec
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", report::fmt(*v)))
+                    .collect();
+                eprintln!(
+                    "{tag}: {} {}",
+                    if rec.ok { "ok" } else { "FAILED" },
+                    rec.error.clone().unwrap_or_else(|| summary.join(" "))
+                );
                 writeln!(outf, "{}", serde_json::to_string(&rec)?)?;
                 outf.flush()?;
             }
         }
     }
     if failures > 0 {
-        eprintln!("ds-bench: {failures} run(s) failed (see the results file and {}/logs)", work.display());
+        eprintln!(
+            "ds-bench: {failures} run(s) failed (see the results file and {}/logs)",
+            work.display()
+        );
         if smoke {
             std::process::exit(1);
         }

@@ -26,7 +26,12 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
 fn status_kb(pid: u32, key: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Resident set size in bytes.
@@ -46,7 +51,9 @@ pub fn disk_usage(dir: &Path) -> (u64, u64) {
     let mut apparent = 0;
     let mut stack: Vec<PathBuf> = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let Ok(md) = e.metadata() else { continue };
             if md.is_dir() {
@@ -71,7 +78,9 @@ pub async fn perf_available() -> bool {
         .output()
         .await;
     match out {
-        Ok(o) => o.status.success() && String::from_utf8_lossy(&o.stderr).contains("sys_enter_fsync"),
+        Ok(o) => {
+            o.status.success() && String::from_utf8_lossy(&o.stderr).contains("sys_enter_fsync")
+        }
         Err(_) => false,
     }
 }
@@ -101,7 +110,10 @@ impl FsyncCounter {
 
     pub async fn stop(mut self) -> Option<u64> {
         let pid = self.child.id()?;
-        let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status().await;
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .await;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         let text = std::fs::read_to_string(&self.out).ok()?;
         let _ = std::fs::remove_file(&self.out);
@@ -112,7 +124,11 @@ impl FsyncCounter {
                 continue;
             }
             seen = true;
-            total += line.split(',').next().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+            total += line
+                .split(',')
+                .next()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
         }
         seen.then_some(total)
     }
@@ -132,8 +148,16 @@ pub struct WindowResult {
 
 impl Window {
     pub async fn start(pid: u32, count_fsync: bool, tmp: &Path) -> Result<Self> {
-        let fsync = if count_fsync { FsyncCounter::start(pid, tmp.join(format!("perf-{pid}.txt"))).await } else { None };
-        Ok(Window { pid, cpu0: cpu_secs(pid), fsync })
+        let fsync = if count_fsync {
+            FsyncCounter::start(pid, tmp.join(format!("perf-{pid}.txt"))).await
+        } else {
+            None
+        };
+        Ok(Window {
+            pid,
+            cpu0: cpu_secs(pid),
+            fsync,
+        })
     }
 
     pub async fn stop(self) -> WindowResult {
@@ -142,6 +166,9 @@ impl Window {
             Some(f) => f.stop().await,
             None => None,
         };
-        WindowResult { cpu_secs: self.cpu0.zip(cpu1).map(|(a, b)| b - a), fsyncs }
+        WindowResult {
+            cpu_secs: self.cpu0.zip(cpu1).map(|(a, b)| b - a),
+            fsyncs,
+        }
     }
 }

@@ -20,7 +20,14 @@ pub enum Kind {
     NodeFile,
 }
 
-pub const ALL: [Kind; 6] = [Kind::OursMem, Kind::OursFile, Kind::UpMem, Kind::UpWal, Kind::NodeMem, Kind::NodeFile];
+pub const ALL: [Kind; 6] = [
+    Kind::OursMem,
+    Kind::OursFile,
+    Kind::UpMem,
+    Kind::UpWal,
+    Kind::NodeMem,
+    Kind::NodeFile,
+];
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -71,20 +78,51 @@ pub async fn start(kind: Kind, bins: &Binaries, data_dir: &Path, log: &Path) -> 
     let dd = data_dir.to_string_lossy().to_string();
     let mut argv: Vec<String> = match kind {
         Kind::OursMem | Kind::OursFile => {
-            let mut v = vec![bins.ours.to_string_lossy().to_string(), "dev".into(), "--host".into(), "127.0.0.1".into(), "--port".into(), p, "--long-poll-timeout".into(), "30s".into()];
+            let mut v = vec![
+                bins.ours.to_string_lossy().to_string(),
+                "dev".into(),
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                p,
+                "--long-poll-timeout".into(),
+                "30s".into(),
+            ];
             if kind == Kind::OursFile {
                 v.extend(["--data-dir".into(), dd]);
             }
             v
         }
         Kind::UpMem | Kind::UpWal => {
-            let bin = bins.upstream.as_ref().ok_or_else(|| anyhow!("upstream binary not given (--upstream)"))?;
+            let bin = bins
+                .upstream
+                .as_ref()
+                .ok_or_else(|| anyhow!("upstream binary not given (--upstream)"))?;
             let mode = if kind == Kind::UpWal { "wal" } else { "memory" };
-            vec![bin.to_string_lossy().to_string(), "--host".into(), "127.0.0.1".into(), "--port".into(), p, "--data-dir".into(), dd, "--long-poll-timeout-ms".into(), "30000".into(), "--durability".into(), mode.into()]
+            vec![
+                bin.to_string_lossy().to_string(),
+                "--host".into(),
+                "127.0.0.1".into(),
+                "--port".into(),
+                p,
+                "--data-dir".into(),
+                dd,
+                "--long-poll-timeout-ms".into(),
+                "30000".into(),
+                "--durability".into(),
+                mode.into(),
+            ]
         }
         Kind::NodeMem | Kind::NodeFile => {
-            let dir = bins.node_dir.as_ref().ok_or_else(|| anyhow!("node server dir not given (--node-dir)"))?;
-            let mut v = vec!["node".into(), dir.join("server.mjs").to_string_lossy().to_string(), p];
+            let dir = bins
+                .node_dir
+                .as_ref()
+                .ok_or_else(|| anyhow!("node server dir not given (--node-dir)"))?;
+            let mut v = vec![
+                "node".into(),
+                dir.join("server.mjs").to_string_lossy().to_string(),
+                p,
+            ];
             if kind == Kind::NodeFile {
                 v.push(dd);
             }
@@ -92,7 +130,10 @@ pub async fn start(kind: Kind, bins: &Binaries, data_dir: &Path, log: &Path) -> 
         }
     };
     if let Some(cpus) = &bins.server_cpus {
-        argv.splice(0..0, ["taskset".to_string(), "-c".to_string(), cpus.clone()]);
+        argv.splice(
+            0..0,
+            ["taskset".to_string(), "-c".to_string(), cpus.clone()],
+        );
     }
     let logf = std::fs::File::create(log)?;
     let child = Command::new(&argv[0])
@@ -105,12 +146,22 @@ pub async fn start(kind: Kind, bins: &Binaries, data_dir: &Path, log: &Path) -> 
         .map_err(|e| anyhow!("spawn {:?}: {e}", argv))?;
     let pid = child.id().ok_or_else(|| anyhow!("no pid"))?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut running = Running { kind, pid, addr, data_dir: data_dir.to_path_buf(), child };
+    let mut running = Running {
+        kind,
+        pid,
+        addr,
+        data_dir: data_dir.to_path_buf(),
+        child,
+    };
     // Ready when it answers any HTTP response (Node has no health route).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(Some(st)) = running.child.try_wait() {
-            bail!("{} exited during start-up ({st}); see {}", kind.name(), log.display());
+            bail!(
+                "{} exited during start-up ({st}); see {}",
+                kind.name(),
+                log.display()
+            );
         }
         let mut c = Conn::new(addr);
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), c.get("/healthz")).await {
@@ -118,7 +169,11 @@ pub async fn start(kind: Kind, bins: &Binaries, data_dir: &Path, log: &Path) -> 
         }
         if Instant::now() > deadline {
             running.stop().await;
-            bail!("{} did not answer within 30 s; see {}", kind.name(), log.display());
+            bail!(
+                "{} did not answer within 30 s; see {}",
+                kind.name(),
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -128,8 +183,14 @@ pub async fn start(kind: Kind, bins: &Binaries, data_dir: &Path, log: &Path) -> 
 
 impl Running {
     pub async fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status().await;
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status()
+            .await;
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
             let _ = self.child.kill().await;
         }
     }

@@ -127,8 +127,15 @@ pub async fn run(variant: &str, ctx: &Ctx<'_>) -> Result<Metrics> {
 // ---------- helpers ----------
 
 async fn create(c: &mut Conn, path: &str, ctype: &str, body: Bytes) -> Result<()> {
-    let r = c.call(Method::PUT, path, &[("content-type", ctype)], body).await?;
-    ensure!(r.status == 201 || r.status == 200, "create {path}: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+    let r = c
+        .call(Method::PUT, path, &[("content-type", ctype)], body)
+        .await?;
+    ensure!(
+        r.status == 201 || r.status == 200,
+        "create {path}: HTTP {} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
     Ok(())
 }
 
@@ -148,24 +155,41 @@ fn parse_record(r: &[u8]) -> Result<(u32, u64)> {
     ensure!(r.len() == REC && &r[12..16] == b"DSBR", "corrupt record");
     let w = u32::from_le_bytes(r[0..4].try_into()?);
     let seq = u64::from_le_bytes(r[4..12].try_into()?);
-    ensure!(r[16..].iter().enumerate().all(|(i, x)| *x == (w as u8) ^ (seq as u8) ^ (i as u8).wrapping_mul(7)), "corrupt record filler");
+    ensure!(
+        r[16..]
+            .iter()
+            .enumerate()
+            .all(|(i, x)| *x == (w as u8) ^ (seq as u8) ^ (i as u8).wrapping_mul(7)),
+        "corrupt record filler"
+    );
     Ok((w, seq))
 }
 
 /// Checks a stream of records: per writer, seqs 0..acked in order, each once;
 /// one extra record is allowed after a request whose outcome is unknown.
 fn verify_records(data: &[u8], acked: &[(u32, u64, bool)]) -> Result<()> {
-    ensure!(data.len() % REC == 0, "stream length {} is not a multiple of {REC}", data.len());
+    ensure!(
+        data.len() % REC == 0,
+        "stream length {} is not a multiple of {REC}",
+        data.len()
+    );
     let mut next: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
     for r in data.chunks(REC) {
         let (w, seq) = parse_record(r)?;
         let n = next.entry(w).or_insert(0);
-        ensure!(seq == *n, "writer {w}: record seq {seq} where {} was expected (duplicate, loss or reorder)", *n);
+        ensure!(
+            seq == *n,
+            "writer {w}: record seq {seq} where {} was expected (duplicate, loss or reorder)",
+            *n
+        );
         *n += 1;
     }
     for &(w, n, unknown) in acked {
         let got = next.get(&w).copied().unwrap_or(0);
-        ensure!(got == n || (unknown && got == n + 1), "writer {w}: {n} appends acknowledged, {got} stored");
+        ensure!(
+            got == n || (unknown && got == n + 1),
+            "writer {w}: {n} appends acknowledged, {got} stored"
+        );
     }
     Ok(())
 }
@@ -211,7 +235,15 @@ fn rss_metric(v: &mut Metrics, pid: u32) {
 
 async fn appends(ctx: &Ctx<'_>, conns: usize, hot: bool) -> Result<Metrics> {
     let addr = ctx.srv.addr;
-    let paths: Vec<String> = (0..conns).map(|i| if hot { format!("{PREFIX}/hot") } else { format!("{PREFIX}/s{i}") }).collect();
+    let paths: Vec<String> = (0..conns)
+        .map(|i| {
+            if hot {
+                format!("{PREFIX}/hot")
+            } else {
+                format!("{PREFIX}/s{i}")
+            }
+        })
+        .collect();
     let mut c = Conn::new(addr);
     let mut uniq: Vec<&String> = paths.iter().collect();
     uniq.dedup();
@@ -233,7 +265,10 @@ async fn appends(ctx: &Ctx<'_>, conns: usize, hot: bool) -> Result<Metrics> {
             while Instant::now() < deadline {
                 let body = record(w as u32, seq);
                 let t = Instant::now();
-                match conn.call(Method::POST, &path, &[("content-type", OCTET)], body).await {
+                match conn
+                    .call(Method::POST, &path, &[("content-type", OCTET)], body)
+                    .await
+                {
                     Ok(r) if r.ok() => {
                         lat.push(t.elapsed().as_micros() as u32);
                         seq += 1;
@@ -318,7 +353,13 @@ async fn producers(ctx: &Ctx<'_>, inflight: usize) -> Result<Metrics> {
         create(&mut c, &format!("{PREFIX}/p{i}"), OCTET, Bytes::new()).await?;
     }
     let prods: Vec<Arc<Producer>> = (0..np)
-        .map(|_| Arc::new(Producer { next: AtomicU64::new(0), acked: Mutex::new((0, BTreeSet::new())), contiguous: tokio::sync::watch::channel(0).0 }))
+        .map(|_| {
+            Arc::new(Producer {
+                next: AtomicU64::new(0),
+                acked: Mutex::new((0, BTreeSet::new())),
+                contiguous: tokio::sync::watch::channel(0).0,
+            })
+        })
         .collect();
     let gaps = Arc::new(AtomicU64::new(0));
     let dups = Arc::new(AtomicU64::new(0));
@@ -406,7 +447,11 @@ async fn producers(ctx: &Ctx<'_>, inflight: usize) -> Result<Metrics> {
     m(&mut v, "p50_ms", pct(&lat, 0.5));
     m(&mut v, "p99_ms", pct(&lat, 0.99));
     m(&mut v, "gap_409", gaps.load(Ordering::Relaxed) as f64);
-    m(&mut v, "gap_409_per_op", gaps.load(Ordering::Relaxed) as f64 / ops.max(1.0));
+    m(
+        &mut v,
+        "gap_409_per_op",
+        gaps.load(Ordering::Relaxed) as f64 / ops.max(1.0),
+    );
     m(&mut v, "dup_204", dups.load(Ordering::Relaxed) as f64);
     cost_metrics(&mut v, &wr, ops, "op");
     m(&mut v, "errors", errors.load(Ordering::Relaxed) as f64);
@@ -435,7 +480,14 @@ async fn catchup(ctx: &Ctx<'_>) -> Result<Metrics> {
     let mut c = Conn::new(addr);
     create(&mut c, &path, OCTET, Bytes::new()).await?;
     for piece in data.chunks(256 << 10) {
-        let r = c.call(Method::POST, &path, &[("content-type", OCTET)], data.slice_ref(piece)).await?;
+        let r = c
+            .call(
+                Method::POST,
+                &path,
+                &[("content-type", OCTET)],
+                data.slice_ref(piece),
+            )
+            .await?;
         ensure!(r.ok(), "fill: HTTP {}", r.status);
     }
     let readers = 4;
@@ -456,12 +508,19 @@ async fn catchup(ctx: &Ctx<'_>) -> Result<Metrics> {
                 rep += 1;
                 let mut pos = 0usize;
                 let (n, _) = read_to_tail(&mut conn, &path, |d| {
-                    ensure!(pos + d.len() <= data.len() && d == &data[pos..pos + d.len()], "catch-up bytes differ at {pos}");
+                    ensure!(
+                        pos + d.len() <= data.len() && d == &data[pos..pos + d.len()],
+                        "catch-up bytes differ at {pos}"
+                    );
                     pos += d.len();
                     Ok(())
                 })
                 .await?;
-                ensure!(pos == data.len(), "catch-up read {pos} of {} bytes", data.len());
+                ensure!(
+                    pos == data.len(),
+                    "catch-up read {pos} of {} bytes",
+                    data.len()
+                );
                 total += n;
             }
             Ok::<_, anyhow::Error>(total)
@@ -506,11 +565,25 @@ async fn replay(ctx: &Ctx<'_>) -> Result<Metrics> {
                 body.push(',');
             }
             // ~100 bytes per event
-            body.push_str(&format!(r#"{{"id":{id},"type":"bench.event","v":{{"pad":"{pad}"}}}}"#));
+            body.push_str(&format!(
+                r#"{{"id":{id},"type":"bench.event","v":{{"pad":"{pad}"}}}}"#
+            ));
         }
         body.push(']');
-        let r = c.call(Method::POST, &path, &[("content-type", JSON)], Bytes::from(body)).await?;
-        ensure!(r.ok(), "fill: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+        let r = c
+            .call(
+                Method::POST,
+                &path,
+                &[("content-type", JSON)],
+                Bytes::from(body),
+            )
+            .await?;
+        ensure!(
+            r.ok(),
+            "fill: HTTP {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
         i = end;
     }
     let reps = ctx.scale.replay_reps;
@@ -529,7 +602,10 @@ async fn replay(ctx: &Ctx<'_>) -> Result<Metrics> {
         loop {
             let r = c.get(&format!("{path}?offset={}", enc(&off))).await?;
             ensure!(r.status == 200, "replay: HTTP {}", r.status);
-            let next = r.header("stream-next-offset").ok_or_else(|| anyhow!("no Stream-Next-Offset"))?.to_string();
+            let next = r
+                .header("stream-next-offset")
+                .ok_or_else(|| anyhow!("no Stream-Next-Offset"))?
+                .to_string();
             let utd = r.headers.contains_key("stream-up-to-date");
             bytes += r.body.len();
             let empty = r.body.is_empty();
@@ -548,7 +624,10 @@ async fn replay(ctx: &Ctx<'_>) -> Result<Metrics> {
             for b in &got {
                 cat.extend_from_slice(b);
             }
-            ensure!(cat == first_cat, "replay {done} returned different bytes than the first");
+            ensure!(
+                cat == first_cat,
+                "replay {done} returned different bytes than the first"
+            );
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
@@ -556,9 +635,14 @@ async fn replay(ctx: &Ctx<'_>) -> Result<Metrics> {
     if let Some(got) = &first {
         let mut expect = 0u64;
         for b in got {
-            let evs: Vec<Ev> = serde_json::from_slice(b).map_err(|e| anyhow!("replay body is not a JSON array of events: {e}"))?;
+            let evs: Vec<Ev> = serde_json::from_slice(b)
+                .map_err(|e| anyhow!("replay body is not a JSON array of events: {e}"))?;
             for e in evs {
-                ensure!(e.id == expect, "replay: event {} where {expect} was expected", e.id);
+                ensure!(
+                    e.id == expect,
+                    "replay: event {} where {expect} was expected",
+                    e.id
+                );
                 expect += 1;
             }
         }
@@ -606,12 +690,25 @@ fn deliver(sub: &Mutex<Sub>, t0: Instant, body: &[u8]) -> Result<()> {
     Ok(())
 }
 
-async fn sse_subscriber(addr: std::net::SocketAddr, path: String, sub: Arc<Mutex<Sub>>, ready: Arc<AtomicUsize>, t0: Instant) -> Result<()> {
+async fn sse_subscriber(
+    addr: std::net::SocketAddr,
+    path: String,
+    sub: Arc<Mutex<Sub>>,
+    ready: Arc<AtomicUsize>,
+    t0: Instant,
+) -> Result<()> {
     let mut conn = Conn::new(addr);
     let mut off = "-1".to_string();
     let mut first = true;
     loop {
-        let resp = conn.send(Method::GET, &format!("{path}?offset={}&live=sse", enc(&off)), &[], Bytes::new()).await?;
+        let resp = conn
+            .send(
+                Method::GET,
+                &format!("{path}?offset={}&live=sse", enc(&off)),
+                &[],
+                Bytes::new(),
+            )
+            .await?;
         ensure!(resp.status() == 200, "SSE: HTTP {}", resp.status());
         let mut parser = SseParser::default();
         let mut evs: Vec<SseEvent> = Vec::new();
@@ -645,7 +742,13 @@ async fn sse_subscriber(addr: std::net::SocketAddr, path: String, sub: Arc<Mutex
     }
 }
 
-async fn lp_subscriber(addr: std::net::SocketAddr, path: String, sub: Arc<Mutex<Sub>>, ready: Arc<AtomicUsize>, t0: Instant) -> Result<()> {
+async fn lp_subscriber(
+    addr: std::net::SocketAddr,
+    path: String,
+    sub: Arc<Mutex<Sub>>,
+    ready: Arc<AtomicUsize>,
+    t0: Instant,
+) -> Result<()> {
     let mut conn = Conn::new(addr);
     let (_, mut off) = read_to_tail(&mut conn, &path, |_| Ok(())).await?;
     let mut cursor: Option<String> = None;
@@ -676,7 +779,9 @@ async fn fanout(ctx: &Ctx<'_>, sse: bool) -> Result<Metrics> {
     create(&mut c, &path, JSON, Bytes::new()).await?;
     let t0 = Instant::now();
     let ready = Arc::new(AtomicUsize::new(0));
-    let subs: Vec<Arc<Mutex<Sub>>> = (0..nsubs).map(|_| Arc::new(Mutex::new(Sub::default()))).collect();
+    let subs: Vec<Arc<Mutex<Sub>>> = (0..nsubs)
+        .map(|_| Arc::new(Mutex::new(Sub::default())))
+        .collect();
     let mut tasks = Vec::new();
     for s in &subs {
         let (s, ready, path) = (s.clone(), ready.clone(), path.clone());
@@ -694,7 +799,10 @@ async fn fanout(ctx: &Ctx<'_>, sse: bool) -> Result<Metrics> {
             for t in &tasks {
                 t.abort();
             }
-            bail!("only {} of {nsubs} subscribers connected", ready.load(Ordering::SeqCst));
+            bail!(
+                "only {} of {nsubs} subscribers connected",
+                ready.load(Ordering::SeqCst)
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -710,7 +818,14 @@ async fn fanout(ctx: &Ctx<'_>, sse: bool) -> Result<Metrics> {
     for i in 0..total {
         tick.tick().await;
         let body = format!(r#"{{"i":{i},"t":{}}}"#, t0.elapsed().as_micros());
-        let r = c.call(Method::POST, &path, &[("content-type", JSON)], Bytes::from(body)).await?;
+        let r = c
+            .call(
+                Method::POST,
+                &path,
+                &[("content-type", JSON)],
+                Bytes::from(body),
+            )
+            .await?;
         if r.ok() {
             sent += 1;
         } else {
@@ -751,10 +866,18 @@ async fn fanout(ctx: &Ctx<'_>, sse: bool) -> Result<Metrics> {
     m(&mut v, "p50_ms", pct(&lat, 0.5));
     m(&mut v, "p99_ms", pct(&lat, 0.99));
     m(&mut v, "max_ms", pct(&lat, 1.0));
-    m(&mut v, "delivered", got as f64 / (sent as f64 * nsubs as f64));
+    m(
+        &mut v,
+        "delivered",
+        got as f64 / (sent as f64 * nsubs as f64),
+    );
     if let Some(cpu) = wr.cpu_secs {
         m(&mut v, "cpu_pct", cpu * 100.0 / elapsed);
-        m(&mut v, "cpu_us_per_delivery", cpu * 1e6 / (got.max(1) as f64));
+        m(
+            &mut v,
+            "cpu_us_per_delivery",
+            cpu * 1e6 / (got.max(1) as f64),
+        );
     }
     m(&mut v, "errors", errors as f64);
     Ok(v)
@@ -781,11 +904,19 @@ async fn idle_sse(ctx: &Ctx<'_>) -> Result<Metrics> {
     let gate = Arc::new(tokio::sync::Semaphore::new(100));
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let (ready, pinged, gate, path) = (ready.clone(), pinged.clone(), gate.clone(), path.clone());
+        let (ready, pinged, gate, path) =
+            (ready.clone(), pinged.clone(), gate.clone(), path.clone());
         tasks.push(tokio::spawn(async move {
             let permit = gate.acquire_owned().await?;
             let mut conn = Conn::new(addr);
-            let resp = conn.send(Method::GET, &format!("{path}?offset=-1&live=sse"), &[], Bytes::new()).await?;
+            let resp = conn
+                .send(
+                    Method::GET,
+                    &format!("{path}?offset=-1&live=sse"),
+                    &[],
+                    Bytes::new(),
+                )
+                .await?;
             ensure!(resp.status() == 200, "SSE: HTTP {}", resp.status());
             let mut parser = SseParser::default();
             let mut evs = Vec::new();
@@ -812,7 +943,10 @@ async fn idle_sse(ctx: &Ctx<'_>) -> Result<Metrics> {
     }
     let connected = ready.load(Ordering::SeqCst);
     let result = async {
-        ensure!(connected == n, "only {connected} of {n} SSE connections established");
+        ensure!(
+            connected == n,
+            "only {connected} of {n} SSE connections established"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         let win = Window::start(pid, false, &ctx.tmp).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -820,7 +954,14 @@ async fn idle_sse(ctx: &Ctx<'_>) -> Result<Metrics> {
         let rss1 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
         // Prove they are live: one append must reach every connection.
         let t = Instant::now();
-        let r = c.call(Method::POST, &path, &[("content-type", "text/plain")], Bytes::from_static(b"ping")).await?;
+        let r = c
+            .call(
+                Method::POST,
+                &path,
+                &[("content-type", "text/plain")],
+                Bytes::from_static(b"ping"),
+            )
+            .await?;
         ensure!(r.ok(), "ping append: HTTP {}", r.status);
         while pinged.load(Ordering::SeqCst) < n && t.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -832,7 +973,11 @@ async fn idle_sse(ctx: &Ctx<'_>) -> Result<Metrics> {
         if let Some(cpu) = wr.cpu_secs {
             m(&mut v, "idle_cpu_pct", cpu * 100.0);
         }
-        m(&mut v, "delivered", pinged.load(Ordering::SeqCst) as f64 / n as f64);
+        m(
+            &mut v,
+            "delivered",
+            pinged.load(Ordering::SeqCst) as f64 / n as f64,
+        );
         m(&mut v, "ping_all_ms", fanout_ms);
         Ok(v)
     }
@@ -868,13 +1013,24 @@ async fn many_streams(ctx: &Ctx<'_>) -> Result<Metrics> {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                let r = conn.call(Method::PUT, &format!("{PREFIX}/m/{i}"), &[("content-type", "text/plain")], Bytes::from(body(i))).await?;
+                let r = conn
+                    .call(
+                        Method::PUT,
+                        &format!("{PREFIX}/m/{i}"),
+                        &[("content-type", "text/plain")],
+                        Bytes::from(body(i)),
+                    )
+                    .await?;
                 if r.status == 201 {
                     done += 1;
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
                     stop.store(true, Ordering::Relaxed);
-                    bail!("create {i}: HTTP {} {}", r.status, String::from_utf8_lossy(&r.body));
+                    bail!(
+                        "create {i}: HTTP {} {}",
+                        r.status,
+                        String::from_utf8_lossy(&r.body)
+                    );
                 }
             }
             Ok::<_, anyhow::Error>(done)
@@ -899,10 +1055,22 @@ async fn many_streams(ctx: &Ctx<'_>) -> Result<Metrics> {
     }
     let mut v = Metrics::new();
     m(&mut v, "creates_s", created as f64 / elapsed);
-    m(&mut v, "mem_kb_per_stream", (rss1 - rss0) / n as f64 / 1024.0);
+    m(
+        &mut v,
+        "mem_kb_per_stream",
+        (rss1 - rss0) / n as f64 / 1024.0,
+    );
     if ctx.srv.kind.durable() {
-        m(&mut v, "disk_kb_per_stream", (disk1.saturating_sub(disk0)) as f64 / n as f64 / 1024.0);
-        m(&mut v, "disk_apparent_kb_per_stream", apparent1 as f64 / n as f64 / 1024.0);
+        m(
+            &mut v,
+            "disk_kb_per_stream",
+            (disk1.saturating_sub(disk0)) as f64 / n as f64 / 1024.0,
+        );
+        m(
+            &mut v,
+            "disk_apparent_kb_per_stream",
+            apparent1 as f64 / n as f64 / 1024.0,
+        );
     }
     cost_metrics(&mut v, &wr, created as f64, "create");
     m(&mut v, "errors", errors.load(Ordering::Relaxed) as f64);

@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use durable_streams_client::{
-    AppendOptions, Client, CreateOptions, DurableStream, Error, ForkOptions, LiveMode, ProducerOptions, RetryPolicy, StreamOptions,
+    AppendOptions, Client, CreateOptions, DurableStream, Error, ForkOptions, LiveMode,
+    ProducerOptions, RetryPolicy, StreamOptions,
 };
 use std::io::{IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -25,7 +26,12 @@ Exit codes:
 #[command(name = "durable-stream", version, about, after_help = EXIT_CODES)]
 struct Cli {
     /// Base URL of the stream server.
-    #[arg(long, env = "STREAM_URL", default_value = "http://localhost:4437/v1/stream", global = true)]
+    #[arg(
+        long,
+        env = "STREAM_URL",
+        default_value = "http://localhost:4437/v1/stream",
+        global = true
+    )]
     url: String,
     /// Authorization header value (e.g. "Bearer my-token").
     #[arg(long, env = "STREAM_AUTH", global = true, hide_env_values = true)]
@@ -93,7 +99,10 @@ enum Command {
     /// Show metadata: content type, tail offset, closure, TTL, expiry.
     Head { stream_id: String },
     /// Close the stream (EOF for readers), optionally with a final message.
-    Close { stream_id: String, content: Option<String> },
+    Close {
+        stream_id: String,
+        content: Option<String>,
+    },
     /// Fork a stream into a new one sharing its data up to an offset.
     Fork {
         source_id: String,
@@ -108,7 +117,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
@@ -127,16 +139,27 @@ fn main() -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Error>() {
         Some(Error::NotFound { .. } | Error::Gone { .. }) => 3,
-        Some(Error::Conflict { .. } | Error::StreamClosed { .. } | Error::SequenceConflict { .. } | Error::SequenceGap { .. }) => 4,
+        Some(
+            Error::Conflict { .. }
+            | Error::StreamClosed { .. }
+            | Error::SequenceConflict { .. }
+            | Error::SequenceGap { .. },
+        ) => 4,
         Some(Error::Network(_)) => 5,
-        Some(Error::BadRequest { .. } | Error::StaleEpoch { .. } | Error::PayloadTooLarge { .. }) => 6,
+        Some(
+            Error::BadRequest { .. } | Error::StaleEpoch { .. } | Error::PayloadTooLarge { .. },
+        ) => 6,
         Some(Error::InvalidArgument(_)) => 2,
         _ => 1,
     }
 }
 
 fn stream_url(base: &str, id: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), id.trim_start_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        id.trim_start_matches('/')
+    )
 }
 
 fn unescape(s: &str) -> String {
@@ -164,7 +187,11 @@ fn unescape(s: &str) -> String {
 
 async fn run(cli: Cli) -> Result<()> {
     // Scripts want an answer soon: a few retries, short backoff.
-    let retry = RetryPolicy { max_retries: 4, max_backoff: std::time::Duration::from_secs(2), ..RetryPolicy::default() };
+    let retry = RetryPolicy {
+        max_retries: 4,
+        max_backoff: std::time::Duration::from_secs(2),
+        ..RetryPolicy::default()
+    };
     let mut builder = Client::builder().retry_policy(retry);
     if let Some(auth) = &cli.auth {
         builder = builder.header("authorization", auth);
@@ -172,9 +199,21 @@ async fn run(cli: Cli) -> Result<()> {
     let client = builder.build()?;
     let handle = |id: &str| DurableStream::with_client(&client, &stream_url(&cli.url, id));
     match cli.command {
-        Command::Create { stream_id, content_type, json, ttl, expires_at, closed, content } => {
+        Command::Create {
+            stream_id,
+            content_type,
+            json,
+            ttl,
+            expires_at,
+            closed,
+            content,
+        } => {
             let s = handle(&stream_id)?;
-            let mut o = CreateOptions::new().content_type(if json { "application/json".to_string() } else { content_type });
+            let mut o = CreateOptions::new().content_type(if json {
+                "application/json".to_string()
+            } else {
+                content_type
+            });
             o.ttl_secs = ttl;
             if let Some(at) = expires_at {
                 let at = chrono_parse(&at)?;
@@ -183,20 +222,38 @@ async fn run(cli: Cli) -> Result<()> {
             o.closed = closed;
             o.body = content.map(|c| Bytes::from(unescape(&c)));
             let out = s.create_stream(o).await?;
-            eprintln!("{} {}", if out.created { "created" } else { "exists" }, s.url());
+            eprintln!(
+                "{} {}",
+                if out.created { "created" } else { "exists" },
+                s.url()
+            );
         }
-        Command::Write { stream_id, content, content_type: _, json, batch_json, close } => {
+        Command::Write {
+            stream_id,
+            content,
+            content_type: _,
+            json,
+            batch_json,
+            close,
+        } => {
             let s = handle(&stream_id)?;
             match content {
-                Some(c) => write_once(&s, Bytes::from(unescape(&c)), json, batch_json, close).await?,
+                Some(c) => {
+                    write_once(&s, Bytes::from(unescape(&c)), json, batch_json, close).await?
+                }
                 None => {
                     let stdin = std::io::stdin();
                     if stdin.is_terminal() {
-                        anyhow::bail!(Error::InvalidArgument("no content: give it as an argument or pipe it to stdin".into()));
+                        anyhow::bail!(Error::InvalidArgument(
+                            "no content: give it as an argument or pipe it to stdin".into()
+                        ));
                     }
                     if json || batch_json || s.is_json().await? {
                         let mut buf = Vec::new();
-                        stdin.lock().read_to_end(&mut buf).context("reading stdin")?;
+                        stdin
+                            .lock()
+                            .read_to_end(&mut buf)
+                            .context("reading stdin")?;
                         write_once(&s, Bytes::from(buf), json, batch_json, close).await?;
                     } else {
                         write_stdin_bytes(&s, close).await?;
@@ -204,16 +261,26 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Read { stream_id, from, no_follow, live, print_offset } => {
+        Command::Read {
+            stream_id,
+            from,
+            no_follow,
+            live,
+            print_offset,
+        } => {
             let s = handle(&stream_id)?;
             let live = match (no_follow, live.as_str()) {
                 (true, _) => LiveMode::Off,
                 (false, "auto") => LiveMode::Auto,
                 (false, "sse") => LiveMode::Sse,
                 (false, "long-poll") => LiveMode::LongPoll,
-                (false, other) => anyhow::bail!(Error::InvalidArgument(format!("unknown live mode {other:?}"))),
+                (false, other) => anyhow::bail!(Error::InvalidArgument(format!(
+                    "unknown live mode {other:?}"
+                ))),
             };
-            let mut r = s.stream(StreamOptions::new().offset(from.as_str()).live(live)).await?;
+            let mut r = s
+                .stream(StreamOptions::new().offset(from.as_str()).live(live))
+                .await?;
             let json = r.is_json();
             let stdout = std::io::stdout();
             while let Some(b) = r.next_batch().await? {
@@ -251,10 +318,22 @@ async fn run(cli: Cli) -> Result<()> {
             };
             println!("{}", out.final_offset);
         }
-        Command::Fork { source_id, target_id, offset } => {
+        Command::Fork {
+            source_id,
+            target_id,
+            offset,
+        } => {
             let src = handle(&source_id)?;
             let target = stream_url(&cli.url, &target_id);
-            let fork = src.fork(&target, ForkOptions { offset, ..ForkOptions::default() }).await?;
+            let fork = src
+                .fork(
+                    &target,
+                    ForkOptions {
+                        offset,
+                        ..ForkOptions::default()
+                    },
+                )
+                .await?;
             eprintln!("forked {} -> {}", src.url(), fork.url());
         }
         Command::Delete { stream_id } => {
@@ -271,11 +350,23 @@ fn chrono_parse(s: &str) -> Result<chrono::DateTime<chrono::Utc>> {
         .map_err(|e| anyhow::anyhow!(Error::InvalidArgument(format!("--expires-at {s:?}: {e}"))))
 }
 
-async fn write_once(s: &DurableStream, data: Bytes, json: bool, batch_json: bool, close: bool) -> Result<()> {
+async fn write_once(
+    s: &DurableStream,
+    data: Bytes,
+    json: bool,
+    batch_json: bool,
+    close: bool,
+) -> Result<()> {
     if (json || batch_json) && serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_err() {
-        anyhow::bail!(Error::InvalidArgument("the content is not valid JSON".into()));
+        anyhow::bail!(Error::InvalidArgument(
+            "the content is not valid JSON".into()
+        ));
     }
-    let o = AppendOptions { close, json_batch: batch_json, ..AppendOptions::default() };
+    let o = AppendOptions {
+        close,
+        json_batch: batch_json,
+        ..AppendOptions::default()
+    };
     let out = s.append_with(data, o).await?;
     eprintln!("next offset: {}", out.next_offset);
     Ok(())
@@ -285,16 +376,29 @@ async fn write_once(s: &DurableStream, data: Bytes, json: bool, batch_json: bool
 /// retried safely), with a progress bar when stderr is a terminal.
 async fn write_stdin_bytes(s: &DurableStream, close: bool) -> Result<()> {
     const CHUNK: usize = 1024 * 1024;
-    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {bytes} written ({bytes_per_sec}) {elapsed}") {
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} {bytes} written ({bytes_per_sec}) {elapsed}",
+    ) {
         bar.set_style(style);
     }
     let interactive = std::io::stderr().is_terminal();
     if !interactive {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let id = format!("cli-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
-    let producer = s.producer(&id, ProducerOptions { max_batch_bytes: CHUNK, ..ProducerOptions::default() })?;
+    let id = format!(
+        "cli-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    );
+    let producer = s.producer(
+        &id,
+        ProducerOptions {
+            max_batch_bytes: CHUNK,
+            ..ProducerOptions::default()
+        },
+    )?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();

@@ -38,8 +38,19 @@ impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
             .field("headers", &self.inner.headers.keys().collect::<Vec<_>>())
-            .field("dynamic_headers", &self.inner.dynamic.iter().map(|(n, _)| n).collect::<Vec<_>>())
-            .field("dynamic_params", &self.inner.params.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                "dynamic_headers",
+                &self
+                    .inner
+                    .dynamic
+                    .iter()
+                    .map(|(n, _)| n)
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "dynamic_params",
+                &self.inner.params.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("retry", &self.inner.retry)
             .finish()
     }
@@ -104,10 +115,18 @@ impl Client {
     /// Sends one request, retrying network errors, `429` and `5xx` per the
     /// policy when `retry` is set. Returns the final response whatever its
     /// status; transport failures become [`Error::Network`].
-    pub(crate) async fn execute(&self, req: &Req, retry: Option<&RetryPolicy>) -> Result<reqwest::Response> {
+    pub(crate) async fn execute(
+        &self,
+        req: &Req,
+        retry: Option<&RetryPolicy>,
+    ) -> Result<reqwest::Response> {
         let mut attempt = 0u32;
         loop {
-            let mut rb = self.inner.http.request(req.method.clone(), self.request_url(&req.url)).headers(self.request_headers(&req.headers));
+            let mut rb = self
+                .inner
+                .http
+                .request(req.method.clone(), self.request_url(&req.url))
+                .headers(self.request_headers(&req.headers));
             if let Some(body) = &req.body {
                 rb = rb.body(body.clone());
             }
@@ -153,7 +172,13 @@ pub(crate) struct Req {
 
 impl Req {
     pub fn new(method: Method, url: Url) -> Req {
-        Req { method, url, headers: HeaderMap::new(), body: None, live: false }
+        Req {
+            method,
+            url,
+            headers: HeaderMap::new(),
+            body: None,
+            live: false,
+        }
     }
 
     pub fn header(mut self, name: &'static str, value: impl AsRef<str>) -> Result<Req> {
@@ -191,14 +216,20 @@ pub struct ClientBuilder {
 
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientBuilder").field("retry", &self.retry).field("timeout", &self.timeout).finish()
+        f.debug_struct("ClientBuilder")
+            .field("retry", &self.retry)
+            .field("timeout", &self.timeout)
+            .finish()
     }
 }
 
 impl ClientBuilder {
     /// A header sent on every request.
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
             (Ok(n), Ok(v)) => {
                 self.headers.insert(n, v);
             }
@@ -209,10 +240,18 @@ impl ClientBuilder {
 
     /// A header whose value is computed before every request, including each
     /// retry and every idempotent-producer batch.
-    pub fn dynamic_header(mut self, name: &str, f: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+    pub fn dynamic_header(
+        mut self,
+        name: &str,
+        f: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
         match HeaderName::from_bytes(name.as_bytes()) {
             Ok(n) => self.dynamic.push((n, Arc::new(f))),
-            Err(_) => self.error = Some(Error::InvalidArgument(format!("invalid header name {name}"))),
+            Err(_) => {
+                self.error = Some(Error::InvalidArgument(format!(
+                    "invalid header name {name}"
+                )))
+            }
         }
         self
     }
@@ -221,7 +260,11 @@ impl ClientBuilder {
     /// (retries and producer batches included), e.g. a request id. `None`
     /// omits it for that request. Stream reads already use `offset`, `live`
     /// and `cursor`: do not reuse those names.
-    pub fn dynamic_param(mut self, name: &str, f: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+    pub fn dynamic_param(
+        mut self,
+        name: &str,
+        f: impl Fn() -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
         if name.is_empty() {
             self.error = Some(Error::InvalidArgument("empty query parameter name".into()));
         } else {
@@ -331,7 +374,9 @@ pub(crate) async fn error_from_response(resp: reqwest::Response, ctx: Ctx) -> Er
         403 if headers.contains_key(h::PRODUCER_EPOCH) => Error::StaleEpoch {
             current: header_u64(&headers, h::PRODUCER_EPOCH).unwrap_or(0),
         },
-        409 if is_closed(&headers) => Error::StreamClosed { final_offset: header_string(&headers, h::STREAM_NEXT_OFFSET) },
+        409 if is_closed(&headers) => Error::StreamClosed {
+            final_offset: header_string(&headers, h::STREAM_NEXT_OFFSET),
+        },
         409 if headers.contains_key(h::PRODUCER_EXPECTED_SEQ) => Error::SequenceGap {
             expected: header_u64(&headers, h::PRODUCER_EXPECTED_SEQ).unwrap_or(0),
             received: header_u64(&headers, h::PRODUCER_RECEIVED_SEQ).unwrap_or(0),
@@ -340,6 +385,10 @@ pub(crate) async fn error_from_response(resp: reqwest::Response, ctx: Ctx) -> Er
             Error::SequenceConflict { url, message }
         }
         409 => Error::Conflict { url, message },
-        s => Error::Status { status: s, url, message },
+        s => Error::Status {
+            status: s,
+            url,
+            message,
+        },
     }
 }

@@ -41,7 +41,11 @@ pub enum Error {
     PayloadTooLarge { url: String },
     /// Any other unexpected status (including persistent `5xx`).
     #[error("unexpected HTTP status {status} from {url}: {message}")]
-    Status { status: u16, url: String, message: String },
+    Status {
+        status: u16,
+        url: String,
+        message: String,
+    },
     /// The connection failed, was reset, or the body could not be read.
     #[error("network error: {0}")]
     Network(#[source] reqwest::Error),

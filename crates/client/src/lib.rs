@@ -53,9 +53,11 @@ pub use client::{Client, ClientBuilder, HeaderFn};
 pub use error::{Error, Result};
 pub use offset_store::{FileOffsetStore, MemoryOffsetStore, OffsetStore};
 pub use producer::{AppendAck, ErrorCallback, IdempotentProducer, ProducerOptions, ProducerStats};
-pub use read::{stream, Batch, JsonBatch, LiveMode, Offset, StreamOptions, StreamResponse, TextBatch};
+pub use read::{
+    stream, Batch, JsonBatch, LiveMode, Offset, StreamOptions, StreamResponse, TextBatch,
+};
 pub use retry::RetryPolicy;
 pub use stream::{
-    AppendOptions, AppendOutcome, CloseOutcome, CreateOptions, CreateOutcome, DurableStream, ForkOptions, StreamInfo,
-    DEFAULT_CONTENT_TYPE,
+    AppendOptions, AppendOutcome, CloseOutcome, CreateOptions, CreateOutcome, DurableStream,
+    ForkOptions, StreamInfo, DEFAULT_CONTENT_TYPE,
 };

@@ -31,11 +31,17 @@ impl MemoryOffsetStore {
 #[async_trait]
 impl OffsetStore for MemoryOffsetStore {
     async fn load(&self, key: &str) -> Result<Option<String>> {
-        let map = self.map.lock().map_err(|_| Error::InvalidArgument("offset store lock poisoned".into()))?;
+        let map = self
+            .map
+            .lock()
+            .map_err(|_| Error::InvalidArgument("offset store lock poisoned".into()))?;
         Ok(map.get(key).cloned())
     }
     async fn save(&self, key: &str, offset: &str) -> Result<()> {
-        let mut map = self.map.lock().map_err(|_| Error::InvalidArgument("offset store lock poisoned".into()))?;
+        let mut map = self
+            .map
+            .lock()
+            .map_err(|_| Error::InvalidArgument("offset store lock poisoned".into()))?;
         map.insert(key.to_string(), offset.to_string());
         Ok(())
     }
@@ -52,12 +58,16 @@ impl FileOffsetStore {
     /// Uses (and creates if needed) `dir`.
     pub fn new(dir: impl AsRef<Path>) -> Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
-        Ok(FileOffsetStore { dir: dir.as_ref().to_path_buf() })
+        Ok(FileOffsetStore {
+            dir: dir.as_ref().to_path_buf(),
+        })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
         if key.is_empty() {
-            return Err(Error::InvalidArgument("offset store key must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "offset store key must not be empty".into(),
+            ));
         }
         // Any key maps to a safe, unique file name.
         let mut name = String::with_capacity(key.len() + 7);

@@ -160,7 +160,10 @@ pub struct IdempotentProducer {
 
 impl fmt::Debug for IdempotentProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotentProducer").field("id", &self.id).field("url", &self.stream.url().as_str()).finish()
+        f.debug_struct("IdempotentProducer")
+            .field("id", &self.id)
+            .field("url", &self.stream.url().as_str())
+            .finish()
     }
 }
 
@@ -168,17 +171,25 @@ impl IdempotentProducer {
     /// Starts a producer (needs a Tokio runtime). No I/O until the first append.
     pub fn new(stream: DurableStream, producer_id: &str, options: ProducerOptions) -> Result<Self> {
         if producer_id.trim().is_empty() {
-            return Err(Error::InvalidArgument("producer id must not be empty".into()));
+            return Err(Error::InvalidArgument(
+                "producer id must not be empty".into(),
+            ));
         }
         options.validate()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             status: Mutex::new((Status::Open, None)),
-            stats: Mutex::new(ProducerStats { epoch: options.epoch, ..ProducerStats::default() }),
+            stats: Mutex::new(ProducerStats {
+                epoch: options.epoch,
+                ..ProducerStats::default()
+            }),
         });
         let json = Arc::new(tokio::sync::OnceCell::new());
         let actor = Actor {
-            retry: options.retry.clone().unwrap_or_else(|| stream.client().retry_policy().clone()),
+            retry: options
+                .retry
+                .clone()
+                .unwrap_or_else(|| stream.client().retry_policy().clone()),
             stream: stream.clone(),
             id: producer_id.to_string(),
             epoch: options.epoch,
@@ -201,7 +212,13 @@ impl IdempotentProducer {
             content_type: None,
         };
         tokio::spawn(actor.run(rx));
-        Ok(IdempotentProducer { tx, shared, json, stream, id: producer_id.to_string() })
+        Ok(IdempotentProducer {
+            tx,
+            shared,
+            json,
+            stream,
+            id: producer_id.to_string(),
+        })
     }
 
     pub fn id(&self) -> &str {
@@ -214,11 +231,19 @@ impl IdempotentProducer {
     }
 
     pub fn stats(&self) -> ProducerStats {
-        self.shared.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        self.shared
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     fn check_open(&self) -> Result<()> {
-        let g = self.shared.status.lock().map_err(|_| Error::ProducerClosed)?;
+        let g = self
+            .shared
+            .status
+            .lock()
+            .map_err(|_| Error::ProducerClosed)?;
         match g.0 {
             Status::Open => Ok(()),
             Status::Closed => Err(Error::ProducerClosed),
@@ -232,9 +257,13 @@ impl IdempotentProducer {
         self.check_open()?;
         let data = data.into();
         if data.is_empty() {
-            return Err(Error::InvalidArgument("cannot append an empty message".into()));
+            return Err(Error::InvalidArgument(
+                "cannot append an empty message".into(),
+            ));
         }
-        self.tx.send(Cmd::Append(data, None)).map_err(|_| Error::ProducerClosed)
+        self.tx
+            .send(Cmd::Append(data, None))
+            .map_err(|_| Error::ProducerClosed)
     }
 
     /// Queues one serializable value as one JSON message.
@@ -248,17 +277,23 @@ impl IdempotentProducer {
         self.check_open()?;
         let data = data.into();
         if data.is_empty() {
-            return Err(Error::InvalidArgument("cannot append an empty message".into()));
+            return Err(Error::InvalidArgument(
+                "cannot append an empty message".into(),
+            ));
         }
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Append(data, Some(tx))).map_err(|_| Error::ProducerClosed)?;
+        self.tx
+            .send(Cmd::Append(data, Some(tx)))
+            .map_err(|_| Error::ProducerClosed)?;
         rx.await.map_err(|_| Error::ProducerClosed)?
     }
 
     /// Sends everything queued and waits until all of it is acknowledged.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Flush(tx)).map_err(|_| Error::ProducerClosed)?;
+        self.tx
+            .send(Cmd::Flush(tx))
+            .map_err(|_| Error::ProducerClosed)?;
         rx.await.map_err(|_| Error::ProducerClosed)?
     }
 
@@ -267,14 +302,18 @@ impl IdempotentProducer {
     /// returns the same outcome without another request.
     pub async fn close(&self, final_message: Option<Bytes>) -> Result<CloseOutcome> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Close(final_message, tx)).map_err(|_| Error::ProducerClosed)?;
+        self.tx
+            .send(Cmd::Close(final_message, tx))
+            .map_err(|_| Error::ProducerClosed)?;
         rx.await.map_err(|_| Error::ProducerClosed)?
     }
 
     /// Flushes and stops the producer without closing the stream.
     pub async fn detach(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Detach(tx)).map_err(|_| Error::ProducerClosed)?;
+        self.tx
+            .send(Cmd::Detach(tx))
+            .map_err(|_| Error::ProducerClosed)?;
         rx.await.map_err(|_| Error::ProducerClosed)?
     }
 
@@ -283,7 +322,9 @@ impl IdempotentProducer {
     /// that were not acknowledged when the producer failed are dropped.
     pub async fn restart(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Cmd::Restart(tx)).map_err(|_| Error::ProducerClosed)?;
+        self.tx
+            .send(Cmd::Restart(tx))
+            .map_err(|_| Error::ProducerClosed)?;
         rx.await.map_err(|_| Error::ProducerClosed)?
     }
 
@@ -422,11 +463,14 @@ impl Actor {
         if let Err(e) = self.content_type().await {
             self.fail(e);
             if let Some(tx) = ack {
-                let _ = tx.send(Err(Error::ProducerFailed(self.failed.clone().unwrap_or_default())));
+                let _ = tx.send(Err(Error::ProducerFailed(
+                    self.failed.clone().unwrap_or_default(),
+                )));
             }
             return;
         }
-        if self.pending_bytes > 0 && self.pending_bytes + data.len() + 1 > self.opts.max_batch_bytes {
+        if self.pending_bytes > 0 && self.pending_bytes + data.len() + 1 > self.opts.max_batch_bytes
+        {
             self.seal();
         }
         self.pending_bytes += data.len() + 1;
@@ -434,7 +478,9 @@ impl Actor {
         if let Some(tx) = ack {
             self.pending_acks.push(tx);
         }
-        if self.pending_bytes >= self.opts.max_batch_bytes || self.pending.len() >= self.opts.max_batch_items {
+        if self.pending_bytes >= self.opts.max_batch_bytes
+            || self.pending.len() >= self.opts.max_batch_items
+        {
             self.seal();
         } else if self.linger_deadline.is_none() {
             self.linger_deadline = Some(Instant::now() + self.opts.linger);
@@ -467,7 +513,15 @@ impl Actor {
         };
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.batches.insert(seq, Batch { body, messages: items.len(), acks: std::mem::take(&mut self.pending_acks), gap_resends: 0 });
+        self.batches.insert(
+            seq,
+            Batch {
+                body,
+                messages: items.len(),
+                acks: std::mem::take(&mut self.pending_acks),
+                gap_resends: 0,
+            },
+        );
         self.queue.push_back(seq);
         self.update_stats(|s| s.next_seq = seq + 1);
     }
@@ -491,7 +545,9 @@ impl Actor {
     }
 
     fn send(&mut self, seq: u64) {
-        let Some(batch) = self.batches.get(&seq) else { return };
+        let Some(batch) = self.batches.get(&seq) else {
+            return;
+        };
         let stream = self.stream.clone();
         let ct = self.content_type.clone().unwrap_or_default();
         let id = self.id.clone();
@@ -535,7 +591,11 @@ impl Actor {
                 // Lower batches still unacknowledged: they were overtaken; retry after them.
                 if self.batches.range(..seq).next().is_some() {
                     self.gap_wait.push(seq);
-                } else if let Some(b) = self.batches.get_mut(&seq).filter(|b| expected < seq && b.gap_resends < MAX_GAP_RESENDS) {
+                } else if let Some(b) = self
+                    .batches
+                    .get_mut(&seq)
+                    .filter(|b| expected < seq && b.gap_resends < MAX_GAP_RESENDS)
+                {
                     // Everything below was acknowledged after the server had
                     // answered this one (the responses crossed): send it again.
                     b.gap_resends += 1;
@@ -573,7 +633,9 @@ impl Actor {
     /// Once nothing is in flight, takes over the producer id with a new epoch
     /// and re-sends every unacknowledged batch, renumbered from 0.
     fn maybe_claim(&mut self) {
-        let Some(server_epoch) = self.claim else { return };
+        let Some(server_epoch) = self.claim else {
+            return;
+        };
         if !self.in_flight.is_empty() {
             return;
         }
@@ -664,7 +726,9 @@ impl Actor {
         }
         match &self.failed {
             Some(m) => Err(Error::ProducerFailed(m.clone())),
-            None if !self.batches.is_empty() => Err(Error::ProducerFailed("batches left unacknowledged".into())),
+            None if !self.batches.is_empty() => {
+                Err(Error::ProducerFailed("batches left unacknowledged".into()))
+            }
             None => Ok(()),
         }
     }
@@ -678,7 +742,17 @@ impl Actor {
         let body = final_message.map(|m| if parse::is_json(&ct) { wrap(&m) } else { m });
         let seq = self.next_seq;
         self.next_seq += 1;
-        let r = send_batch(&self.stream, &ct, &self.id, self.epoch, seq, body.unwrap_or_default(), Some(()), &self.retry).await;
+        let r = send_batch(
+            &self.stream,
+            &ct,
+            &self.id,
+            self.epoch,
+            seq,
+            body.unwrap_or_default(),
+            Some(()),
+            &self.retry,
+        )
+        .await;
         match r {
             Ok(ack) => {
                 self.set_status(Status::Closed, None);
@@ -686,7 +760,9 @@ impl Actor {
                     Some(o) => o,
                     None => self.stream.head().await?.next_offset,
                 };
-                Ok(CloseOutcome { final_offset: offset })
+                Ok(CloseOutcome {
+                    final_offset: offset,
+                })
             }
             Err(e) => Err(e),
         }

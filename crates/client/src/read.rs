@@ -90,7 +90,12 @@ pub struct StreamOptions {
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        StreamOptions { offset: Offset::Beginning, live: LiveMode::Off, headers: HeaderMap::new(), sse_fallback_after: 3 }
+        StreamOptions {
+            offset: Offset::Beginning,
+            live: LiveMode::Off,
+            headers: HeaderMap::new(),
+            sse_fallback_after: 3,
+        }
     }
 }
 
@@ -139,7 +144,8 @@ impl Batch {
         if self.data.is_empty() {
             return Ok(Vec::new());
         }
-        serde_json::from_slice(&self.data).map_err(|e| Error::Parse(format!("JSON stream body: {e}")))
+        serde_json::from_slice(&self.data)
+            .map_err(|e| Error::Parse(format!("JSON stream body: {e}")))
     }
 
     /// The messages of a JSON stream as raw JSON text, exactly as stored.
@@ -168,7 +174,10 @@ pub struct TextBatch {
 
 fn json_is_empty_array(b: &[u8]) -> bool {
     let t = b.trim_ascii();
-    t.is_empty() || (t.first() == Some(&b'[') && t.last() == Some(&b']') && t[1..t.len() - 1].trim_ascii().is_empty())
+    t.is_empty()
+        || (t.first() == Some(&b'[')
+            && t.last() == Some(&b']')
+            && t[1..t.len() - 1].trim_ascii().is_empty())
 }
 
 #[derive(Debug)]
@@ -247,7 +256,11 @@ impl StreamResponse {
             client,
             headers: o.headers,
             live: o.live,
-            phase: if o.live == LiveMode::Sse { Phase::Sse } else { Phase::CatchUp },
+            phase: if o.live == LiveMode::Sse {
+                Phase::Sse
+            } else {
+                Phase::CatchUp
+            },
             offset: o.offset.as_str().to_string(),
             cursor: None,
             json: content_type.as_deref().is_some_and(parse::is_json),
@@ -290,7 +303,9 @@ impl StreamResponse {
     }
     /// The last batch delivered was up to date.
     pub fn up_to_date(&self) -> bool {
-        self.first.as_ref().map_or(self.up_to_date, |b| b.up_to_date)
+        self.first
+            .as_ref()
+            .map_or(self.up_to_date, |b| b.up_to_date)
     }
     /// The stream's end was reached.
     pub fn closed(&self) -> bool {
@@ -365,9 +380,13 @@ impl StreamResponse {
 
     /// One catch-up (`live == false`) or long-poll request.
     async fn fetch(&mut self, long_poll: bool) -> Result<Batch> {
-        let mut req = Req::new(Method::GET, self.read_url(long_poll.then_some("long-poll"))).extra_headers(&self.headers);
+        let mut req = Req::new(Method::GET, self.read_url(long_poll.then_some("long-poll")))
+            .extra_headers(&self.headers);
         req.live = long_poll;
-        let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+        let resp = self
+            .client
+            .execute(&req, Some(self.client.retry_policy()))
+            .await?;
         self.status = resp.status().as_u16();
         if !resp.status().is_success() {
             self.done = true;
@@ -391,9 +410,14 @@ impl StreamResponse {
         } else {
             resp.bytes().await.map_err(Error::Network)?
         };
-        if self.json && !data.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_err() {
+        if self.json
+            && !data.is_empty()
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&data).is_err()
+        {
             self.done = true;
-            return Err(Error::Parse("JSON stream returned a body that is not valid JSON".into()));
+            return Err(Error::Parse(
+                "JSON stream returned a body that is not valid JSON".into(),
+            ));
         }
         Ok(Batch {
             data,
@@ -408,9 +432,13 @@ impl StreamResponse {
     /// means "the connection ended, try again".
     async fn sse_next(&mut self) -> Result<Option<Batch>> {
         if self.sse.is_none() {
-            let mut req = Req::new(Method::GET, self.read_url(Some("sse"))).extra_headers(&self.headers);
+            let mut req =
+                Req::new(Method::GET, self.read_url(Some("sse"))).extra_headers(&self.headers);
             req.live = true;
-            let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+            let resp = self
+                .client
+                .execute(&req, Some(self.client.retry_policy()))
+                .await?;
             self.status = resp.status().as_u16();
             if !resp.status().is_success() {
                 self.done = true;
@@ -419,7 +447,9 @@ impl StreamResponse {
             let ct = header_string(resp.headers(), "content-type").unwrap_or_default();
             if !ct.starts_with("text/event-stream") {
                 self.done = true;
-                return Err(Error::Parse(format!("expected an SSE response, got content type {ct:?}")));
+                return Err(Error::Parse(format!(
+                    "expected an SSE response, got content type {ct:?}"
+                )));
             }
             let base64 = header_string(resp.headers(), h::STREAM_SSE_DATA_ENCODING)
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("base64"));
@@ -433,7 +463,9 @@ impl StreamResponse {
             });
         }
         let json = self.json;
-        let Some(conn) = self.sse.as_mut() else { return Ok(None) };
+        let Some(conn) = self.sse.as_mut() else {
+            return Ok(None);
+        };
         loop {
             if let Some(b) = conn.ready.pop_front() {
                 return Ok(Some(b));
@@ -444,10 +476,17 @@ impl StreamResponse {
                         match ev.event.as_str() {
                             "data" => {
                                 let payload = if conn.base64 {
-                                    let cleaned: Vec<u8> = ev.data.iter().copied().filter(|b| *b != b'\n' && *b != b'\r').collect();
+                                    let cleaned: Vec<u8> = ev
+                                        .data
+                                        .iter()
+                                        .copied()
+                                        .filter(|b| *b != b'\n' && *b != b'\r')
+                                        .collect();
                                     base64::engine::general_purpose::STANDARD
                                         .decode(&cleaned)
-                                        .map_err(|e| Error::Parse(format!("SSE base64 data: {e}")))?
+                                        .map_err(|e| {
+                                            Error::Parse(format!("SSE base64 data: {e}"))
+                                        })?
                                 } else {
                                     ev.data
                                 };
@@ -487,7 +526,9 @@ impl StreamResponse {
                     let policy = self.client.retry_policy().clone();
                     if self.sse_failures > policy.max_retries {
                         self.done = true;
-                        return Err(Error::Parse("SSE connections keep ending without any event".into()));
+                        return Err(Error::Parse(
+                            "SSE connections keep ending without any event".into(),
+                        ));
                     }
                     if self.sse_failures > 0 {
                         tokio::time::sleep(policy.delay(self.sse_failures - 1, None)).await;
@@ -512,11 +553,18 @@ impl StreamResponse {
     }
 
     /// JSON batches with decoded items.
-    pub fn json_batches<T: DeserializeOwned + Send + 'static>(self) -> BoxStream<'static, Result<JsonBatch<T>>> {
+    pub fn json_batches<T: DeserializeOwned + Send + 'static>(
+        self,
+    ) -> BoxStream<'static, Result<JsonBatch<T>>> {
         self.batches()
             .map(|b| {
                 let b = b?;
-                Ok(JsonBatch { items: b.items()?, offset: b.offset, up_to_date: b.up_to_date, closed: b.closed })
+                Ok(JsonBatch {
+                    items: b.items()?,
+                    offset: b.offset,
+                    up_to_date: b.up_to_date,
+                    closed: b.closed,
+                })
             })
             .boxed()
     }
@@ -531,7 +579,12 @@ impl StreamResponse {
                 if b.closed {
                     text.push_str(&dec.finish());
                 }
-                Ok(TextBatch { text, offset: b.offset, up_to_date: b.up_to_date, closed: b.closed })
+                Ok(TextBatch {
+                    text,
+                    offset: b.offset,
+                    up_to_date: b.up_to_date,
+                    closed: b.closed,
+                })
             })
             .boxed()
     }
@@ -582,18 +635,27 @@ fn merge_payloads(payloads: Vec<Vec<u8>>, json: bool) -> Result<Bytes> {
         }
         return Ok(out.freeze());
     }
-    let non_empty: Vec<Vec<u8>> = payloads.into_iter().filter(|p| !json_is_empty_array(p)).collect();
+    let non_empty: Vec<Vec<u8>> = payloads
+        .into_iter()
+        .filter(|p| !json_is_empty_array(p))
+        .collect();
     match non_empty.len() {
         0 => Ok(Bytes::new()),
-        1 => Ok(non_empty.into_iter().next().map(Bytes::from).unwrap_or_default()),
+        1 => Ok(non_empty
+            .into_iter()
+            .next()
+            .map(Bytes::from)
+            .unwrap_or_default()),
         _ => {
             let mut items: Vec<Box<RawValue>> = Vec::new();
             for p in non_empty {
-                let v: Vec<Box<RawValue>> =
-                    serde_json::from_slice(&p).map_err(|e| Error::Parse(format!("JSON stream data: {e}")))?;
+                let v: Vec<Box<RawValue>> = serde_json::from_slice(&p)
+                    .map_err(|e| Error::Parse(format!("JSON stream data: {e}")))?;
                 items.extend(v);
             }
-            serde_json::to_vec(&items).map(Bytes::from).map_err(|e| Error::Parse(e.to_string()))
+            serde_json::to_vec(&items)
+                .map(Bytes::from)
+                .map_err(|e| Error::Parse(e.to_string()))
         }
     }
 }
@@ -605,10 +667,23 @@ mod tests {
     /// JSON payloads merge into one array keeping each message's text; empty arrays vanish.
     #[test]
     fn merging_json_payloads() {
-        let m = merge_payloads(vec![b"[1, {\"a\" : 2}]".to_vec(), b"[ ]".to_vec(), b"[\n\"x\"\n]".to_vec()], true).unwrap();
+        let m = merge_payloads(
+            vec![
+                b"[1, {\"a\" : 2}]".to_vec(),
+                b"[ ]".to_vec(),
+                b"[\n\"x\"\n]".to_vec(),
+            ],
+            true,
+        )
+        .unwrap();
         assert_eq!(&m[..], b"[1,{\"a\" : 2},\"x\"]");
-        assert!(merge_payloads(vec![b"[]".to_vec()], true).unwrap().is_empty());
-        assert_eq!(&merge_payloads(vec![b"ab".to_vec(), b"c".to_vec()], false).unwrap()[..], b"abc");
+        assert!(merge_payloads(vec![b"[]".to_vec()], true)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            &merge_payloads(vec![b"ab".to_vec(), b"c".to_vec()], false).unwrap()[..],
+            b"abc"
+        );
     }
 
     /// Offsets convert from the sentinels and tokens.

@@ -38,16 +38,23 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// A policy that never retries.
     pub fn none() -> Self {
-        RetryPolicy { max_retries: 0, ..RetryPolicy::default() }
+        RetryPolicy {
+            max_retries: 0,
+            ..RetryPolicy::default()
+        }
     }
 
     /// Checks the policy's values.
     pub fn validate(&self) -> crate::Result<()> {
         if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
-            return Err(crate::Error::InvalidArgument("retry multiplier must be a finite number >= 1".into()));
+            return Err(crate::Error::InvalidArgument(
+                "retry multiplier must be a finite number >= 1".into(),
+            ));
         }
         if self.initial_backoff > self.max_backoff {
-            return Err(crate::Error::InvalidArgument("initial backoff must not exceed max backoff".into()));
+            return Err(crate::Error::InvalidArgument(
+                "initial backoff must not exceed max backoff".into(),
+            ));
         }
         Ok(())
     }
@@ -60,7 +67,11 @@ impl RetryPolicy {
         let cap = self.initial_backoff.as_secs_f64() * exp;
         let cap = cap.min(self.max_backoff.as_secs_f64()).max(0.0);
         // Jitter in [cap/2, cap]: spreads clients out without ever retrying instantly.
-        let jittered = if cap > 0.0 { rand::thread_rng().gen_range(cap / 2.0..=cap) } else { 0.0 };
+        let jittered = if cap > 0.0 {
+            rand::thread_rng().gen_range(cap / 2.0..=cap)
+        } else {
+            0.0
+        };
         let backoff = Duration::from_secs_f64(jittered);
         match retry_after {
             Some(ra) => backoff.max(ra.min(self.max_retry_after)),
@@ -92,21 +103,37 @@ mod tests {
     /// Backoff grows, stays within [cap/2, cap] and never exceeds max_backoff.
     #[test]
     fn backoff_is_bounded_and_jittered() {
-        let p = RetryPolicy { initial_backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(1), ..RetryPolicy::default() };
+        let p = RetryPolicy {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        };
         for attempt in 0..20 {
             let d = p.delay(attempt, None);
             let cap = (0.1 * 2f64.powi(attempt as i32)).min(1.0);
             assert!(d.as_secs_f64() <= cap + 1e-9, "attempt {attempt}: {d:?}");
-            assert!(d.as_secs_f64() >= cap / 2.0 - 1e-9, "attempt {attempt}: {d:?}");
+            assert!(
+                d.as_secs_f64() >= cap / 2.0 - 1e-9,
+                "attempt {attempt}: {d:?}"
+            );
         }
     }
 
     /// Retry-After wins when longer than the backoff, and is capped.
     #[test]
     fn retry_after_is_honoured_and_capped() {
-        let p = RetryPolicy { max_retry_after: Duration::from_secs(10), ..RetryPolicy::default() };
-        assert_eq!(p.delay(0, Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(p.delay(0, Some(Duration::from_secs(3600))), Duration::from_secs(10));
+        let p = RetryPolicy {
+            max_retry_after: Duration::from_secs(10),
+            ..RetryPolicy::default()
+        };
+        assert_eq!(
+            p.delay(0, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+        assert_eq!(
+            p.delay(0, Some(Duration::from_secs(3600))),
+            Duration::from_secs(10)
+        );
     }
 
     /// Retry-After accepts delta-seconds and HTTP dates; garbage is ignored.
@@ -114,7 +141,10 @@ mod tests {
     fn retry_after_parsing() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
         assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
         assert_eq!(parse_retry_after("-3"), None);
     }
@@ -123,7 +153,18 @@ mod tests {
     #[test]
     fn validation() {
         assert!(RetryPolicy::default().validate().is_ok());
-        assert!(RetryPolicy { multiplier: 0.5, ..RetryPolicy::default() }.validate().is_err());
-        assert!(RetryPolicy { initial_backoff: Duration::from_secs(9), max_backoff: Duration::from_secs(1), ..RetryPolicy::default() }.validate().is_err());
+        assert!(RetryPolicy {
+            multiplier: 0.5,
+            ..RetryPolicy::default()
+        }
+        .validate()
+        .is_err());
+        assert!(RetryPolicy {
+            initial_backoff: Duration::from_secs(9),
+            max_backoff: Duration::from_secs(1),
+            ..RetryPolicy::default()
+        }
+        .validate()
+        .is_err());
     }
 }

@@ -31,7 +31,10 @@ pub struct SseParser {
 
 impl SseParser {
     pub fn new() -> Self {
-        SseParser { at_start: true, ..SseParser::default() }
+        SseParser {
+            at_start: true,
+            ..SseParser::default()
+        }
     }
 
     /// Consumes a chunk and returns the events it completed.
@@ -121,7 +124,10 @@ mod tests {
     }
 
     fn ev(event: &str, data: &str) -> SseEvent {
-        SseEvent { event: event.into(), data: data.as_bytes().to_vec() }
+        SseEvent {
+            event: event.into(),
+            data: data.as_bytes().to_vec(),
+        }
     }
 
     /// The same events come out whatever byte the input is split at, for every line-ending style.
@@ -132,13 +138,24 @@ mod tests {
             let input = base.replace('\n', eol);
             let input = input.as_bytes();
             let whole = parse_all(&[input]);
-            assert_eq!(whole, vec![
-                ev("data", "[\n{\"k\":\"é漢\"},\n{\"k\":\" w\"}\n]"),
-                ev("control", "{\"streamNextOffset\":\"1_2\",\"upToDate\":true}"),
-                ev("data", "\n"),
-            ], "eol {eol:?}");
+            assert_eq!(
+                whole,
+                vec![
+                    ev("data", "[\n{\"k\":\"é漢\"},\n{\"k\":\" w\"}\n]"),
+                    ev(
+                        "control",
+                        "{\"streamNextOffset\":\"1_2\",\"upToDate\":true}"
+                    ),
+                    ev("data", "\n"),
+                ],
+                "eol {eol:?}"
+            );
             for i in 0..=input.len() {
-                assert_eq!(parse_all(&[&input[..i], &input[i..]]), whole, "eol {eol:?} split at {i}");
+                assert_eq!(
+                    parse_all(&[&input[..i], &input[i..]]),
+                    whole,
+                    "eol {eol:?} split at {i}"
+                );
             }
             let bytes: Vec<&[u8]> = input.chunks(1).collect();
             assert_eq!(parse_all(&bytes), whole, "eol {eol:?} byte by byte");
@@ -150,13 +167,21 @@ mod tests {
     fn server_encoder_round_trip() {
         let payload = "line one\n line two with leading space\r\nthird\u{2028}still third";
         let mut wire = data_event(payload.as_bytes(), false);
-        wire.extend(control_event(&Control { next_offset: "0000000000000000_0000000000000042".into(), cursor: Some("7".into()), up_to_date: true, closed: false }));
+        wire.extend(control_event(&Control {
+            next_offset: "0000000000000000_0000000000000042".into(),
+            cursor: Some("7".into()),
+            up_to_date: true,
+            closed: false,
+        }));
         let expected_text = payload.replace("\r\n", "\n");
         for i in 0..=wire.len() {
             let evs = parse_all(&[&wire[..i], &wire[i..]]);
             assert_eq!(evs.len(), 2, "split at {i}");
             assert_eq!(evs[0].event, "data");
-            assert_eq!(String::from_utf8(evs[0].data.clone()).unwrap(), expected_text);
+            assert_eq!(
+                String::from_utf8(evs[0].data.clone()).unwrap(),
+                expected_text
+            );
             assert_eq!(evs[1].event, "control");
         }
     }
@@ -174,7 +199,11 @@ mod tests {
     fn bom_and_empty_events() {
         let input = b"\xEF\xBB\xBFevent: control\n\nevent: x\ndata: y\n\n";
         for i in 0..=input.len() {
-            assert_eq!(parse_all(&[&input[..i], &input[i..]]), vec![ev("x", "y")], "split at {i}");
+            assert_eq!(
+                parse_all(&[&input[..i], &input[i..]]),
+                vec![ev("x", "y")],
+                "split at {i}"
+            );
         }
     }
 }

@@ -143,11 +143,19 @@ impl DurableStream {
 
     /// A handle using `client`. No I/O.
     pub fn with_client(client: &Client, url: &str) -> Result<DurableStream> {
-        let url = Url::parse(url).map_err(|e| Error::InvalidArgument(format!("invalid URL {url:?}: {e}")))?;
+        let url = Url::parse(url)
+            .map_err(|e| Error::InvalidArgument(format!("invalid URL {url:?}: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(Error::InvalidArgument(format!("unsupported URL scheme {}", url.scheme())));
+            return Err(Error::InvalidArgument(format!(
+                "unsupported URL scheme {}",
+                url.scheme()
+            )));
         }
-        Ok(DurableStream { client: client.clone(), url, content_type: Arc::new(Mutex::new(None)) })
+        Ok(DurableStream {
+            client: client.clone(),
+            url,
+            content_type: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// Creates the stream (or confirms it exists with the same configuration)
@@ -157,7 +165,11 @@ impl DurableStream {
     }
 
     /// [`create`](Self::create) with a given client.
-    pub async fn create_with_client(client: &Client, url: &str, options: CreateOptions) -> Result<DurableStream> {
+    pub async fn create_with_client(
+        client: &Client,
+        url: &str,
+        options: CreateOptions,
+    ) -> Result<DurableStream> {
         let s = DurableStream::with_client(client, url)?;
         s.create_stream(options).await?;
         Ok(s)
@@ -209,7 +221,9 @@ impl DurableStream {
             return Ok(ct);
         }
         let info = self.head().await?;
-        Ok(info.content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string()))
+        Ok(info
+            .content_type
+            .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string()))
     }
 
     /// True if the stream is in JSON mode (asks the server once if unknown).
@@ -220,7 +234,10 @@ impl DurableStream {
     /// `PUT`: creates the stream, or confirms it exists with the same configuration.
     /// Retried on transient failures (a `PUT` is idempotent).
     pub async fn create_stream(&self, o: CreateOptions) -> Result<CreateOutcome> {
-        let ct = o.content_type.clone().unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
+        let ct = o
+            .content_type
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
         let mut req = Req::new(Method::PUT, self.url.clone()).header("content-type", &ct)?;
         if let Some(ttl) = o.ttl_secs {
             req = req.header(h::STREAM_TTL, ttl.to_string())?;
@@ -235,7 +252,10 @@ impl DurableStream {
             req = req.body(body);
         }
         let req = req.extra_headers(&o.headers);
-        let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+        let resp = self
+            .client
+            .execute(&req, Some(self.client.retry_policy()))
+            .await?;
         if !resp.status().is_success() {
             return Err(error_from_response(resp, Ctx::Plain).await);
         }
@@ -250,7 +270,10 @@ impl DurableStream {
     /// `HEAD`: metadata (tail offset, closure, TTL, expiry). Retried.
     pub async fn head(&self) -> Result<StreamInfo> {
         let req = Req::new(Method::HEAD, self.url.clone());
-        let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+        let resp = self
+            .client
+            .execute(&req, Some(self.client.retry_policy()))
+            .await?;
         if !resp.status().is_success() {
             return Err(error_from_response(resp, Ctx::Plain).await);
         }
@@ -271,7 +294,8 @@ impl DurableStream {
     /// Appends bytes. On a JSON stream they are one message (a JSON value).
     /// Never retried automatically: use an [`IdempotentProducer`] for safe retries.
     pub async fn append(&self, data: impl Into<Bytes>) -> Result<AppendOutcome> {
-        self.append_with(data.into(), AppendOptions::default()).await
+        self.append_with(data.into(), AppendOptions::default())
+            .await
     }
 
     /// Appends UTF-8 text (on a JSON stream: one JSON value).
@@ -281,17 +305,34 @@ impl DurableStream {
 
     /// Appends one serializable value as one message of a JSON stream.
     pub async fn append_json<T: Serialize + ?Sized>(&self, value: &T) -> Result<AppendOutcome> {
-        let body = serde_json::to_vec(&[value]).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        self.append_with(body.into(), AppendOptions { json_batch: true, ..AppendOptions::default() }).await
+        let body =
+            serde_json::to_vec(&[value]).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        self.append_with(
+            body.into(),
+            AppendOptions {
+                json_batch: true,
+                ..AppendOptions::default()
+            },
+        )
+        .await
     }
 
     /// Appends several values, one message each, in one request.
     pub async fn append_json_batch<T: Serialize>(&self, values: &[T]) -> Result<AppendOutcome> {
         if values.is_empty() {
-            return Err(Error::InvalidArgument("cannot append an empty batch".into()));
+            return Err(Error::InvalidArgument(
+                "cannot append an empty batch".into(),
+            ));
         }
         let body = serde_json::to_vec(values).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        self.append_with(body.into(), AppendOptions { json_batch: true, ..AppendOptions::default() }).await
+        self.append_with(
+            body.into(),
+            AppendOptions {
+                json_batch: true,
+                ..AppendOptions::default()
+            },
+        )
+        .await
     }
 
     /// Appends with options (`Stream-Seq`, close, raw JSON batches, headers).
@@ -300,8 +341,14 @@ impl DurableStream {
             return Err(Error::InvalidArgument("cannot append an empty body".into()));
         }
         let ct = self.resolve_content_type().await?;
-        let body = if parse::is_json(&ct) && !o.json_batch { wrap_json(&data) } else { data };
-        let mut req = Req::new(Method::POST, self.url.clone()).header("content-type", &ct)?.body(body);
+        let body = if parse::is_json(&ct) && !o.json_batch {
+            wrap_json(&data)
+        } else {
+            data
+        };
+        let mut req = Req::new(Method::POST, self.url.clone())
+            .header("content-type", &ct)?
+            .body(body);
         let mut ctx = Ctx::Plain;
         if let Some(seq) = &o.seq {
             req = req.header(h::STREAM_SEQ, seq)?;
@@ -326,7 +373,10 @@ impl DurableStream {
     /// Closes the stream (idempotent; retried). Readers see EOF at the final offset.
     pub async fn close(&self) -> Result<CloseOutcome> {
         let req = Req::new(Method::POST, self.url.clone()).header(h::STREAM_CLOSED, "true")?;
-        let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+        let resp = self
+            .client
+            .execute(&req, Some(self.client.retry_policy()))
+            .await?;
         if !resp.status().is_success() {
             return Err(error_from_response(resp, Ctx::Plain).await);
         }
@@ -340,15 +390,26 @@ impl DurableStream {
     /// (not idempotent); fails with [`Error::StreamClosed`] if already closed.
     pub async fn close_with(&self, final_message: impl Into<Bytes>) -> Result<CloseOutcome> {
         let out = self
-            .append_with(final_message.into(), AppendOptions { close: true, ..AppendOptions::default() })
+            .append_with(
+                final_message.into(),
+                AppendOptions {
+                    close: true,
+                    ..AppendOptions::default()
+                },
+            )
             .await?;
-        Ok(CloseOutcome { final_offset: out.next_offset })
+        Ok(CloseOutcome {
+            final_offset: out.next_offset,
+        })
     }
 
     /// `DELETE` (retried; a retry that finds the stream already gone reports `NotFound`).
     pub async fn delete(&self) -> Result<()> {
         let req = Req::new(Method::DELETE, self.url.clone());
-        let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+        let resp = self
+            .client
+            .execute(&req, Some(self.client.retry_policy()))
+            .await?;
         if !resp.status().is_success() {
             return Err(error_from_response(resp, Ctx::Plain).await);
         }
@@ -358,11 +419,17 @@ impl DurableStream {
     /// Forks this stream into `target` (a full URL, or a path on the same
     /// server). The fork shares this stream's data up to the fork offset.
     pub async fn fork(&self, target: &str, o: ForkOptions) -> Result<DurableStream> {
-        let target_url = self.url.join(target).map_err(|e| Error::InvalidArgument(format!("invalid fork target {target:?}: {e}")))?;
+        let target_url = self
+            .url
+            .join(target)
+            .map_err(|e| Error::InvalidArgument(format!("invalid fork target {target:?}: {e}")))?;
         if target_url.origin() != self.url.origin() {
-            return Err(Error::InvalidArgument("a fork must be on the same server as its source".into()));
+            return Err(Error::InvalidArgument(
+                "a fork must be on the same server as its source".into(),
+            ));
         }
-        let mut req = Req::new(Method::PUT, target_url.clone()).header(h::STREAM_FORKED_FROM, self.url.path())?;
+        let mut req = Req::new(Method::PUT, target_url.clone())
+            .header(h::STREAM_FORKED_FROM, self.url.path())?;
         if let Some(off) = &o.offset {
             req = req.header(h::STREAM_FORK_OFFSET, off)?;
         }
@@ -379,12 +446,17 @@ impl DurableStream {
             req = req.header("content-type", ct)?;
         }
         let req = req.extra_headers(&o.headers);
-        let resp = self.client.execute(&req, Some(self.client.retry_policy())).await?;
+        let resp = self
+            .client
+            .execute(&req, Some(self.client.retry_policy()))
+            .await?;
         if !resp.status().is_success() {
             return Err(error_from_response(resp, Ctx::Plain).await);
         }
         let fork = DurableStream::with_client(&self.client, target_url.as_str())?;
-        fork.set_content_type(header_string(resp.headers(), "content-type").or_else(|| self.content_type()));
+        fork.set_content_type(
+            header_string(resp.headers(), "content-type").or_else(|| self.content_type()),
+        );
         Ok(fork)
     }
 
@@ -394,7 +466,11 @@ impl DurableStream {
     }
 
     /// An idempotent producer writing to this stream.
-    pub fn producer(&self, producer_id: &str, options: ProducerOptions) -> Result<IdempotentProducer> {
+    pub fn producer(
+        &self,
+        producer_id: &str,
+        options: ProducerOptions,
+    ) -> Result<IdempotentProducer> {
         IdempotentProducer::new(self.clone(), producer_id, options)
     }
 }

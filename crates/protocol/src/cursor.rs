@@ -43,7 +43,10 @@ mod tests {
     fn without_client_cursor_is_the_interval() {
         assert_eq!(next_cursor(CURSOR_EPOCH_UNIX_SECS + 45, 20, None, 7), 2);
         assert_eq!(next_cursor(0, 20, None, 7), 0);
-        assert_eq!(next_cursor(CURSOR_EPOCH_UNIX_SECS + 45, 20, Some("garbage"), 7), 2);
+        assert_eq!(
+            next_cursor(CURSOR_EPOCH_UNIX_SECS + 45, 20, Some("garbage"), 7),
+            2
+        );
     }
 
     proptest! {

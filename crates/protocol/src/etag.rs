@@ -41,7 +41,10 @@ mod tests {
 
     #[test]
     fn incarnation_changes_the_etag() {
-        assert_ne!(format(1, Offset(0), Offset(5), false), format(2, Offset(0), Offset(5), false));
+        assert_ne!(
+            format(1, Offset(0), Offset(5), false),
+            format(2, Offset(0), Offset(5), false)
+        );
     }
 
     #[test]

@@ -121,8 +121,14 @@ mod tests {
 
     #[test]
     fn flattens_exactly_one_level() {
-        assert_eq!(msgs(r#"{"event": "created"}"#), vec![r#"{"event": "created"}"#]);
-        assert_eq!(msgs(r#"[{"a":1}, {"b":2}]"#), vec![r#"{"a":1}"#, r#"{"b":2}"#]);
+        assert_eq!(
+            msgs(r#"{"event": "created"}"#),
+            vec![r#"{"event": "created"}"#]
+        );
+        assert_eq!(
+            msgs(r#"[{"a":1}, {"b":2}]"#),
+            vec![r#"{"a":1}"#, r#"{"b":2}"#]
+        );
         assert_eq!(msgs("[[1,2], [3,4]]"), vec!["[1,2]", "[3,4]"]);
         assert_eq!(msgs("[[[1,2,3]]]"), vec!["[[1,2,3]]"]);
         assert_eq!(msgs("  42 \n"), vec!["42"]);
@@ -131,9 +137,21 @@ mod tests {
 
     #[test]
     fn rejects_invalid_and_empty() {
-        assert_eq!(split_messages(b"[]", false), Err(ProtocolError::EmptyJsonArray));
+        assert_eq!(
+            split_messages(b"[]", false),
+            Err(ProtocolError::EmptyJsonArray)
+        );
         assert_eq!(split_messages(b" [ ] ", true), Ok(vec![]));
-        for bad in [&b"{"[..], b"", b"   ", b"[1,]", b"{\"a\":1}{", b"\xff", b"[1] x", b"NaN"] {
+        for bad in [
+            &b"{"[..],
+            b"",
+            b"   ",
+            b"[1,]",
+            b"{\"a\":1}{",
+            b"\xff",
+            b"[1] x",
+            b"NaN",
+        ] {
             assert!(split_messages(bad, false).is_err(), "{bad:?} accepted");
         }
     }
@@ -155,15 +173,24 @@ mod tests {
         let (stored, lens) = frame_messages(body, &ranges);
         let mut want = vec![];
         let mut at = 0;
-        for l in lens { at += l; want.push(at); }
+        for l in lens {
+            at += l;
+            want.push(at);
+        }
         // Fed whole and byte by byte, the scanner agrees with the framing.
         let mut got = vec![];
-        BoundaryScanner::default().feed(&stored, |i| { got.push(i); true });
+        BoundaryScanner::default().feed(&stored, |i| {
+            got.push(i);
+            true
+        });
         assert_eq!(got, want);
         let mut sc = BoundaryScanner::default();
         let mut got = vec![];
         for (k, b) in stored.iter().enumerate() {
-            sc.feed(std::slice::from_ref(b), |_| { got.push(k + 1); true });
+            sc.feed(std::slice::from_ref(b), |_| {
+                got.push(k + 1);
+                true
+            });
         }
         assert_eq!(got, want);
     }

@@ -40,8 +40,12 @@ impl Offset {
         if !well_formed {
             return Err(ProtocolError::BadOffset(truncate(token)));
         }
-        let hi: u64 = token[..16].parse().map_err(|_| ProtocolError::BadOffset(truncate(token)))?;
-        let lo: u64 = token[17..].parse().map_err(|_| ProtocolError::BadOffset(truncate(token)))?;
+        let hi: u64 = token[..16]
+            .parse()
+            .map_err(|_| ProtocolError::BadOffset(truncate(token)))?;
+        let lo: u64 = token[17..]
+            .parse()
+            .map_err(|_| ProtocolError::BadOffset(truncate(token)))?;
         hi.checked_mul(PART)
             .and_then(|h| h.checked_add(lo))
             .map(Offset)
@@ -91,13 +95,27 @@ mod tests {
         assert_eq!(OffsetParam::parse("now"), Ok(OffsetParam::Now));
         assert_ne!(Offset(0).to_string(), "-1");
         assert_eq!(Offset(0).to_string(), "0000000000000000_0000000000000000");
-        assert_eq!(Offset(u64::MAX).to_string(), "0000000000001844_6744073709551615");
+        assert_eq!(
+            Offset(u64::MAX).to_string(),
+            "0000000000001844_6744073709551615"
+        );
         assert!(Offset::parse("9999999999999999_9999999999999999").is_err());
     }
 
     #[test]
     fn malformed_offsets_are_rejected() {
-        for bad in ["", "abc", "-2", "1", "0000000000000000_000000000000000a", "0000000000000000_00000000000000000", "00000000000000000000000000000000", " 0000000000000000_000000000000000", "0000000000000000,0000000000000000", "0000000000000000_-000000000000001"] {
+        for bad in [
+            "",
+            "abc",
+            "-2",
+            "1",
+            "0000000000000000_000000000000000a",
+            "0000000000000000_00000000000000000",
+            "00000000000000000000000000000000",
+            " 0000000000000000_000000000000000",
+            "0000000000000000,0000000000000000",
+            "0000000000000000_-000000000000001",
+        ] {
             assert!(Offset::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -76,7 +76,11 @@ pub fn parse_producer(
             let seq = parse_strict_uint(seq.trim(), MAX_SAFE_INTEGER).ok_or(
                 ProtocolError::BadProducer("Producer-Seq must be an integer in 0..=2^53-1"),
             )?;
-            Ok(Some(ProducerHeaders { id: id.to_owned(), epoch, seq }))
+            Ok(Some(ProducerHeaders {
+                id: id.to_owned(),
+                epoch,
+                seq,
+            }))
         }
         _ => Err(ProtocolError::BadProducer(
             "Producer-Id, Producer-Epoch and Producer-Seq must be sent together",
@@ -104,7 +108,12 @@ pub fn parse_duration(value: &str) -> Option<std::time::Duration> {
 /// Normalises a content type for comparison: the media type (before any
 /// parameters), trimmed and lower-cased.
 pub fn media_type(content_type: &str) -> String {
-    content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
 }
 
 /// True for `application/json` (JSON mode).
@@ -127,7 +136,17 @@ mod tests {
     fn ttl_accepts_only_plain_decimal() {
         assert_eq!(parse_ttl_secs("3600"), Ok(3600));
         assert_eq!(parse_ttl_secs("0"), Ok(0));
-        for bad in ["", "+3600", "03600", "3600.0", "3.6e3", "-1", " 1", "abc", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "+3600",
+            "03600",
+            "3600.0",
+            "3.6e3",
+            "-1",
+            " 1",
+            "abc",
+            "99999999999999999999999",
+        ] {
             assert!(parse_ttl_secs(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -152,7 +171,11 @@ mod tests {
         assert!(parse_producer(Some("p"), Some("0"), Some("9007199254740992")).is_err());
         assert_eq!(
             parse_producer(Some("p"), Some("9007199254740991"), Some("0")),
-            Ok(Some(ProducerHeaders { id: "p".into(), epoch: MAX_SAFE_INTEGER, seq: 0 }))
+            Ok(Some(ProducerHeaders {
+                id: "p".into(),
+                epoch: MAX_SAFE_INTEGER,
+                seq: 0
+            }))
         );
     }
 

@@ -10,7 +10,11 @@ pub fn data_event(payload: &[u8], base64: bool) -> Vec<u8> {
     out.extend_from_slice(b"event: data\n");
     if base64 {
         out.extend_from_slice(b"data:");
-        out.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(payload).as_bytes());
+        out.extend_from_slice(
+            base64::engine::general_purpose::STANDARD
+                .encode(payload)
+                .as_bytes(),
+        );
         out.push(b'\n');
     } else {
         let mut rest = payload;
@@ -18,7 +22,11 @@ pub fn data_event(payload: &[u8], base64: bool) -> Vec<u8> {
             let end = rest.iter().position(|b| *b == b'\n' || *b == b'\r');
             let (line, next) = match end {
                 Some(i) => {
-                    let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                    let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') {
+                        2
+                    } else {
+                        1
+                    };
                     (&rest[..i], Some(&rest[i + skip..]))
                 }
                 None => (rest, None),
@@ -26,7 +34,11 @@ pub fn data_event(payload: &[u8], base64: bool) -> Vec<u8> {
             // `data:` is followed directly by the payload (the form clients
             // and the conformance suite expect). A line that itself starts
             // with a space gets one extra space, which SSE parsers strip.
-            out.extend_from_slice(if line.first() == Some(&b' ') { b"data: " } else { b"data:" });
+            out.extend_from_slice(if line.first() == Some(&b' ') {
+                b"data: "
+            } else {
+                b"data:"
+            });
             out.extend_from_slice(line);
             out.push(b'\n');
             match next {
@@ -77,15 +89,22 @@ mod tests {
 
     /// Minimal SSE parser per the WHATWG rules, used to check round trips.
     fn parse(stream: &[u8]) -> Vec<(String, String)> {
-        let text = String::from_utf8_lossy(stream).replace("\r\n", "\n").replace('\r', "\n");
+        let text = String::from_utf8_lossy(stream)
+            .replace("\r\n", "\n")
+            .replace('\r', "\n");
         let mut events = vec![];
         let (mut ev, mut data, mut has) = (String::from("message"), Vec::<String>::new(), false);
         for line in text.split('\n') {
             if line.is_empty() {
-                if has { events.push((ev.clone(), data.join("\n"))); }
-                ev = "message".into(); data.clear(); has = false;
+                if has {
+                    events.push((ev.clone(), data.join("\n")));
+                }
+                ev = "message".into();
+                data.clear();
+                has = false;
             } else if let Some(v) = line.strip_prefix("data:") {
-                data.push(v.strip_prefix(' ').unwrap_or(v).to_string()); has = true;
+                data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                has = true;
             } else if let Some(v) = line.strip_prefix("event:") {
                 ev = v.trim_start().to_string();
             }
@@ -95,14 +114,30 @@ mod tests {
 
     #[test]
     fn control_fields() {
-        let c = control_event(&Control { next_offset: "1".into(), cursor: Some("5".into()), up_to_date: true, closed: false });
+        let c = control_event(&Control {
+            next_offset: "1".into(),
+            cursor: Some("5".into()),
+            up_to_date: true,
+            closed: false,
+        });
         let ev = parse(&c);
         assert_eq!(ev[0].0, "control");
         let v: serde_json::Value = serde_json::from_str(&ev[0].1).unwrap();
-        assert_eq!(v, serde_json::json!({"streamNextOffset":"1","streamCursor":"5","upToDate":true}));
-        let c = control_event(&Control { next_offset: "1".into(), cursor: None, up_to_date: false, closed: true });
+        assert_eq!(
+            v,
+            serde_json::json!({"streamNextOffset":"1","streamCursor":"5","upToDate":true})
+        );
+        let c = control_event(&Control {
+            next_offset: "1".into(),
+            cursor: None,
+            up_to_date: false,
+            closed: true,
+        });
         let v: serde_json::Value = serde_json::from_str(&parse(&c)[0].1).unwrap();
-        assert_eq!(v, serde_json::json!({"streamNextOffset":"1","upToDate":true,"streamClosed":true}));
+        assert_eq!(
+            v,
+            serde_json::json!({"streamNextOffset":"1","upToDate":true,"streamClosed":true})
+        );
     }
 
     proptest! {

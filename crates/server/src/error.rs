@@ -70,7 +70,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let mut resp = (status, [("content-type", "text/plain; charset=utf-8")], format!("{self}\n"))
+        let mut resp = (
+            status,
+            [("content-type", "text/plain; charset=utf-8")],
+            format!("{self}\n"),
+        )
             .into_response();
         let hs = resp.headers_mut();
         let num = |n: u64| HeaderValue::from(n);

@@ -19,7 +19,13 @@ use std::sync::Arc;
 pub const CACHE_PUBLIC: &str = "public, max-age=60, stale-while-revalidate=300";
 
 /// Dispatches a request under the stream prefix.
-pub async fn dispatch(state: Arc<AppState>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+pub async fn dispatch(
+    state: Arc<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let target = match request::resolve_path(&state.config.path_prefix, uri.path()) {
         None => return ApiError::NotFound.into_response(),
         Some(Err(e)) => return e.into_response(),
@@ -28,7 +34,9 @@ pub async fn dispatch(state: Arc<AppState>, method: Method, uri: Uri, headers: H
     let path = match target {
         // Reserved for the subscription API (PROTOCOL.md 6): routed before
         // streams so no application stream can claim it.
-        Target::Reserved(rel) => return crate::subscriptions_http::dispatch(&state, method, &rel, &headers, body).await,
+        Target::Reserved(rel) => {
+            return crate::subscriptions_http::dispatch(&state, method, &rel, &headers, body).await
+        }
         Target::Stream(p) => p,
     };
     let result = match method {
@@ -54,7 +62,8 @@ fn set_offset(resp: &mut Response, o: Offset) {
 
 fn set_closed(resp: &mut Response, closed: bool) {
     if closed {
-        resp.headers_mut().insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert(h::STREAM_CLOSED, HeaderValue::from_static("true"));
     }
 }
 
@@ -70,12 +79,22 @@ fn empty(status: StatusCode) -> Response {
     (status, Body::empty()).into_response()
 }
 
-async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let content_type = header_str(headers, "content-type")?.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+async fn create(
+    state: &AppState,
+    path: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let content_type = header_str(headers, "content-type")?
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
     let ttl = header_str(headers, h::STREAM_TTL)?;
     let expires = header_str(headers, h::STREAM_EXPIRES_AT)?;
     let expiry = match (ttl, expires) {
-        (Some(_), Some(_)) => return Err(durable_streams_protocol::ProtocolError::TtlAndExpiresAt.into()),
+        (Some(_), Some(_)) => {
+            return Err(durable_streams_protocol::ProtocolError::TtlAndExpiresAt.into())
+        }
         (Some(t), None) => Expiry::TtlSecs(parse::parse_ttl_secs(t)?),
         (None, Some(e)) => Expiry::At(parse::parse_expires_at(e)?),
         (None, None) => Expiry::Never,
@@ -96,7 +115,10 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
         Some(src) => Some(ForkSpec {
             source: request::resolve_fork_source(&state.config.path_prefix, src)?,
             offset: fork_offset.map(|o| Offset::parse(o.trim())).transpose()?,
-            sub_offset: sub_offset.map(parse::parse_sub_offset).transpose()?.unwrap_or(0),
+            sub_offset: sub_offset
+                .map(parse::parse_sub_offset)
+                .transpose()?
+                .unwrap_or(0),
         }),
     };
     let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
@@ -114,7 +136,14 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
     };
     let records = frame_body(&body, json_mode, true)?;
     state.subscriptions.stream_creating(path);
-    let req = CreateRequest { content_type: content_type.clone(), expiry, closed, json: json_mode, records, fork };
+    let req = CreateRequest {
+        content_type: content_type.clone(),
+        expiry,
+        closed,
+        json: json_mode,
+        records,
+        fork,
+    };
     let (status, meta) = match state.engine.create(path, req).await? {
         CreateOutcome::Created(m) => (StatusCode::CREATED, m),
         CreateOutcome::Existed(m) => (StatusCode::OK, m),
@@ -126,9 +155,16 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
     set_expiry(&mut resp, &meta);
     if status == StatusCode::CREATED {
         let host = header_str(headers, "host")?.unwrap_or("localhost");
-        set(&mut resp, "location", format!("http://{host}{}", uri.path()));
+        set(
+            &mut resp,
+            "location",
+            format!("http://{host}{}", uri.path()),
+        );
         if let Some(hook) = &state.hooks.on_stream_created {
-            hook(&StreamEvent { path: path.to_owned(), content_type: meta.content_type.clone() });
+            hook(&StreamEvent {
+                path: path.to_owned(),
+                content_type: meta.content_type.clone(),
+            });
         }
         state.subscriptions.stream_created(path);
     }
@@ -140,7 +176,11 @@ async fn create(state: &AppState, path: &str, uri: &Uri, headers: &HeaderMap, bo
 
 /// Splits a body into stored records: one per JSON message in JSON mode
 /// (validated, flattened one level), otherwise the body as one record.
-fn frame_body(body: &Bytes, json_mode: bool, allow_empty_array: bool) -> Result<Vec<Bytes>, ApiError> {
+fn frame_body(
+    body: &Bytes,
+    json_mode: bool,
+    allow_empty_array: bool,
+) -> Result<Vec<Bytes>, ApiError> {
     if body.is_empty() {
         return Ok(Vec::new());
     }
@@ -165,7 +205,12 @@ fn frame_body(body: &Bytes, json_mode: bool, allow_empty_array: bool) -> Result<
     Ok(out)
 }
 
-async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn append(
+    state: &AppState,
+    path: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let close = parse::is_closed_flag(headers.get(h::STREAM_CLOSED).map(|v| v.as_bytes()));
     let producer = parse::parse_producer(
         header_str(headers, h::PRODUCER_ID)?,
@@ -173,16 +218,22 @@ async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -
         header_str(headers, h::PRODUCER_SEQ)?,
     )?;
     let stream_seq = header_str(headers, h::STREAM_SEQ)?.map(str::to_owned);
-    let content_type = header_str(headers, "content-type")?.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+    let content_type = header_str(headers, "content-type")?
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
     let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
     if body.is_empty() && !close {
-        return Err(ApiError::bad_request("empty body: an append needs data (or Stream-Closed: true)"));
+        return Err(ApiError::bad_request(
+            "empty body: an append needs data (or Stream-Closed: true)",
+        ));
     }
     let records = if body.is_empty() {
         Vec::new()
     } else {
         let Some(ct) = &content_type else {
-            return Err(ApiError::bad_request("Content-Type is required when appending data"));
+            return Err(ApiError::bad_request(
+                "Content-Type is required when appending data",
+            ));
         };
         let meta = state.engine.head(path).await?;
         // On a closed stream the engine answers (409, or 204 for a producer
@@ -191,16 +242,32 @@ async fn append(state: &AppState, path: &str, headers: &HeaderMap, body: Body) -
         frame_body(&body, json_mode, false)?
     };
     let has_data = !records.is_empty();
-    let req = AppendRequest { content_type, records, close, producer, stream_seq };
+    let req = AppendRequest {
+        content_type,
+        records,
+        close,
+        producer,
+        stream_seq,
+    };
     let mut resp;
     match append_tolerating_reorder(state, path, req).await? {
         AppendOutcome::Applied { meta, producer } => {
             if has_data {
                 state.subscriptions.stream_changed(path);
-                state.metrics.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                state.metrics.append_bytes.fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                state
+                    .metrics
+                    .appends
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state
+                    .metrics
+                    .append_bytes
+                    .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            let status = if producer.is_some() && has_data { StatusCode::OK } else { StatusCode::NO_CONTENT };
+            let status = if producer.is_some() && has_data {
+                StatusCode::OK
+            } else {
+                StatusCode::NO_CONTENT
+            };
             resp = empty(status);
             set_offset(&mut resp, meta.tail);
             set_closed(&mut resp, meta.closed);
@@ -264,7 +331,8 @@ async fn head(state: &AppState, path: &str) -> Result<Response, ApiError> {
     set_offset(&mut resp, meta.tail);
     set_closed(&mut resp, meta.closed);
     set_expiry(&mut resp, &meta);
-    resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
     Ok(resp)
 }
 
@@ -272,16 +340,26 @@ async fn delete(state: &AppState, path: &str) -> Result<Response, ApiError> {
     state.engine.delete(path).await?;
     state.subscriptions.stream_deleted(path);
     if let Some(hook) = &state.hooks.on_stream_deleted {
-        hook(&StreamEvent { path: path.to_owned(), content_type: String::new() });
+        hook(&StreamEvent {
+            path: path.to_owned(),
+            content_type: String::new(),
+        });
     }
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
-async fn read(state: &Arc<AppState>, path: &str, uri: &Uri, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn read(
+    state: &Arc<AppState>,
+    path: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
     let q = request::parse_read_query(uri.query())?;
     match q.live {
         LiveMode::CatchUp => catch_up(state, path, q.offset, headers).await,
-        LiveMode::LongPoll => live::long_poll(state, path, q.offset, q.cursor.as_deref(), headers).await,
+        LiveMode::LongPoll => {
+            live::long_poll(state, path, q.offset, q.cursor.as_deref(), headers).await
+        }
         LiveMode::Sse => live::sse(state, path, q.offset, q.cursor.as_deref()).await,
     }
 }
@@ -294,13 +372,25 @@ pub fn read_from(o: OffsetParam) -> ReadFrom {
     }
 }
 
-async fn catch_up(state: &AppState, path: &str, offset: OffsetParam, headers: &HeaderMap) -> Result<Response, ApiError> {
-    let chunk = state.engine.read(path, read_from(offset), state.config.read_chunk_bytes).await?;
-    state.metrics.read_bytes.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+async fn catch_up(
+    state: &AppState,
+    path: &str,
+    offset: OffsetParam,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let chunk = state
+        .engine
+        .read(path, read_from(offset), state.config.read_chunk_bytes)
+        .await?;
+    state
+        .metrics
+        .read_bytes
+        .fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
     if offset == OffsetParam::Now {
         // Tail position only: never cached, no ETag (PROTOCOL.md 8).
         let mut resp = data_response(&chunk, StatusCode::OK);
-        resp.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+        resp.headers_mut()
+            .insert("cache-control", HeaderValue::from_static("no-store"));
         return Ok(resp);
     }
     Ok(chunk_response(&chunk, headers))
@@ -313,7 +403,12 @@ pub fn chunk_closed(chunk: &ReadChunk) -> bool {
 
 /// A catch-up (or long-poll 200) response for a chunk, with ETag and 304.
 pub fn chunk_response(chunk: &ReadChunk, headers: &HeaderMap) -> Response {
-    let tag = etag::format(chunk.meta.incarnation, chunk.start, chunk.next, chunk_closed(chunk));
+    let tag = etag::format(
+        chunk.meta.incarnation,
+        chunk.start,
+        chunk.next,
+        chunk_closed(chunk),
+    );
     let not_modified = headers
         .get("if-none-match")
         .and_then(|v| v.to_str().ok())
@@ -322,7 +417,8 @@ pub fn chunk_response(chunk: &ReadChunk, headers: &HeaderMap) -> Response {
         let mut r = empty(StatusCode::NOT_MODIFIED);
         set_offset(&mut r, chunk.next);
         if chunk.up_to_date() {
-            r.headers_mut().insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+            r.headers_mut()
+                .insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
         }
         set_closed(&mut r, chunk_closed(chunk));
         r
@@ -332,8 +428,13 @@ pub fn chunk_response(chunk: &ReadChunk, headers: &HeaderMap) -> Response {
     set(&mut resp, "etag", tag);
     // Data is immutable by position and cacheable; an empty read at the tail
     // of an open stream changes as soon as data arrives, so it must revalidate.
-    let cache = if chunk.is_empty() && !chunk_closed(chunk) { "no-cache" } else { CACHE_PUBLIC };
-    resp.headers_mut().insert("cache-control", HeaderValue::from_static(cache));
+    let cache = if chunk.is_empty() && !chunk_closed(chunk) {
+        "no-cache"
+    } else {
+        CACHE_PUBLIC
+    };
+    resp.headers_mut()
+        .insert("cache-control", HeaderValue::from_static(cache));
     resp
 }
 
@@ -344,7 +445,8 @@ pub fn data_response(chunk: &ReadChunk, status: StatusCode) -> Response {
     set(&mut resp, "content-type", &chunk.meta.content_type);
     set_offset(&mut resp, chunk.next);
     if chunk.up_to_date() {
-        resp.headers_mut().insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
+        resp.headers_mut()
+            .insert(h::STREAM_UP_TO_DATE, HeaderValue::from_static("true"));
     }
     set_closed(&mut resp, chunk_closed(chunk));
     resp
@@ -380,6 +482,8 @@ fn body_of(chunk: &ReadChunk) -> Body {
             }
             Body::from(buf)
         }
-        _ => Body::from_stream(futures_util::stream::iter(parts.into_iter().map(Ok::<_, std::convert::Infallible>))),
+        _ => Body::from_stream(futures_util::stream::iter(
+            parts.into_iter().map(Ok::<_, std::convert::Infallible>),
+        )),
     }
 }

@@ -11,12 +11,18 @@ use std::sync::OnceLock;
 
 fn expose_list() -> &'static HeaderValue {
     static V: OnceLock<HeaderValue> = OnceLock::new();
-    V.get_or_init(|| HeaderValue::from_str(&h::RESPONSE_HEADERS.join(", ")).unwrap_or(HeaderValue::from_static("*")))
+    V.get_or_init(|| {
+        HeaderValue::from_str(&h::RESPONSE_HEADERS.join(", "))
+            .unwrap_or(HeaderValue::from_static("*"))
+    })
 }
 
 fn allow_list() -> &'static HeaderValue {
     static V: OnceLock<HeaderValue> = OnceLock::new();
-    V.get_or_init(|| HeaderValue::from_str(&h::REQUEST_HEADERS.join(", ")).unwrap_or(HeaderValue::from_static("*")))
+    V.get_or_init(|| {
+        HeaderValue::from_str(&h::REQUEST_HEADERS.join(", "))
+            .unwrap_or(HeaderValue::from_static("*"))
+    })
 }
 
 const METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
@@ -30,8 +36,14 @@ pub async fn policy(req: Request, next: Next) -> Response {
         let mut r = (StatusCode::NO_CONTENT, Body::empty()).into_response();
         let requested = req.headers().get("access-control-request-headers").cloned();
         let hs = r.headers_mut();
-        hs.insert("access-control-allow-methods", HeaderValue::from_static(METHODS));
-        hs.insert("access-control-allow-headers", requested.unwrap_or_else(|| allow_list().clone()));
+        hs.insert(
+            "access-control-allow-methods",
+            HeaderValue::from_static(METHODS),
+        );
+        hs.insert(
+            "access-control-allow-headers",
+            requested.unwrap_or_else(|| allow_list().clone()),
+        );
         hs.insert("access-control-max-age", HeaderValue::from_static("86400"));
         hs.insert("allow", HeaderValue::from_static(METHODS));
         r
@@ -41,8 +53,14 @@ pub async fn policy(req: Request, next: Next) -> Response {
     let hs = resp.headers_mut();
     hs.insert("access-control-allow-origin", HeaderValue::from_static("*"));
     hs.insert("access-control-expose-headers", expose_list().clone());
-    hs.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
-    hs.insert("cross-origin-resource-policy", HeaderValue::from_static("cross-origin"));
+    hs.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    hs.insert(
+        "cross-origin-resource-policy",
+        HeaderValue::from_static("cross-origin"),
+    );
     if let Some(path) = path {
         tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     }

@@ -94,8 +94,13 @@ impl ServerBuilder {
     /// Builds the server; fails only if persisted subscription state cannot be read.
     pub fn try_build(self) -> std::io::Result<Server> {
         let engine = self.engine.unwrap_or_else(|| Arc::new(MemoryEngine::new()));
-        let subs = Arc::new(subscriptions::Subscriptions::open(engine.clone(), self.subscriptions_dir)?);
-        Ok(Server { state: Arc::new(AppState::new(engine, subs, self.config, self.hooks)) })
+        let subs = Arc::new(subscriptions::Subscriptions::open(
+            engine.clone(),
+            self.subscriptions_dir,
+        )?);
+        Ok(Server {
+            state: Arc::new(AppState::new(engine, subs, self.config, self.hooks)),
+        })
     }
     /// Builds the server. Panics if persisted subscription state cannot be
     /// read; use [`ServerBuilder::try_build`] to handle that.
@@ -138,7 +143,11 @@ impl Server {
     /// Serves connections from `listener` until `shutdown` resolves, then
     /// stops accepting, ends live readers, and waits up to the configured
     /// grace period for in-flight requests. Also runs the expiry sweeper.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
         let app = self.router();
         let cfg = self.state.config.clone();
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -151,7 +160,12 @@ impl Server {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let conn_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
         let sweeper = tokio::spawn(sweep(self.state.clone()));
-        let waker = tokio::spawn(self.state.subscriptions.clone().run(self.state.shutdown.clone()));
+        let waker = tokio::spawn(
+            self.state
+                .subscriptions
+                .clone()
+                .run(self.state.shutdown.clone()),
+        );
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -172,7 +186,9 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _permit = permit;
@@ -186,7 +202,10 @@ impl Server {
         sweeper.abort();
         waker.abort();
         drop(listener);
-        if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown()).await.is_err() {
+        if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over; closing remaining connections");
         }
         self.state.engine.shutdown().await;
@@ -197,7 +216,11 @@ impl Server {
 /// Ready: recovery is done (the listener only opens after it) and the
 /// store accepts writes; 503 once it failed or while shutting down.
 async fn readyz_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
-    let failed = state.engine.metrics().iter().any(|(n, _, v)| *n == "ds_store_failed" && *v != 0);
+    let failed = state
+        .engine
+        .metrics()
+        .iter()
+        .any(|(n, _, v)| *n == "ds_store_failed" && *v != 0);
     if failed || state.shutdown.is_cancelled() {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
     } else {
@@ -206,15 +229,21 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> axum::response::R
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
-    let body = state.metrics.render(state.live_readers(), &state.engine.metrics());
+    let body = state
+        .metrics
+        .render(state.live_readers(), &state.engine.metrics());
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::response::Response {
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
-    let resp = handlers::dispatch(state.clone(), parts.method, parts.uri, parts.headers, body).await.into_response();
-    state.metrics.record(method.as_str(), resp.status().as_u16());
+    let resp = handlers::dispatch(state.clone(), parts.method, parts.uri, parts.headers, body)
+        .await
+        .into_response();
+    state
+        .metrics
+        .record(method.as_str(), resp.status().as_u16());
     resp
 }
 

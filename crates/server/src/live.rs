@@ -19,16 +19,30 @@ use tokio::time::Instant;
 
 /// The cursor for a live response (PROTOCOL.md 10.1).
 pub fn cursor_for(state: &AppState, client: Option<&str>) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let jitter = rand::thread_rng().gen_range(1..=3600);
-    cursor::next_cursor(now, state.config.cursor_interval.as_secs().max(1), client, jitter).to_string()
+    cursor::next_cursor(
+        now,
+        state.config.cursor_interval.as_secs().max(1),
+        client,
+        jitter,
+    )
+    .to_string()
 }
 
 /// When a waiter must wake at the latest: its own deadline, or the moment
 /// the stream expires (so it can answer 404 at once).
 fn wake_at(deadline: Instant, meta: &StreamMeta) -> Instant {
-    let Some(exp_ms) = meta.expires_at_ms else { return deadline };
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let Some(exp_ms) = meta.expires_at_ms else {
+        return deadline;
+    };
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
     let until = Duration::from_millis(exp_ms.saturating_sub(now_ms));
     deadline.min(Instant::now() + until)
 }
@@ -106,7 +120,10 @@ pub async fn long_poll(
 ) -> Result<Response, ApiError> {
     // Subscribe before reading so no append between the two is missed.
     let mut rx = state.engine.watch(path).await?;
-    let chunk = state.engine.read(path, read_from(offset), state.config.read_chunk_bytes).await?;
+    let chunk = state
+        .engine
+        .read(path, read_from(offset), state.config.read_chunk_bytes)
+        .await?;
     let cursor = cursor_for(state, client_cursor);
     if !chunk.is_empty() {
         return Ok(with_data(&chunk, headers, &cursor));
@@ -121,7 +138,10 @@ pub async fn long_poll(
         Wake::Gone => return Err(ApiError::NotFound),
         Wake::Changed | Wake::Timeout => {}
     }
-    let chunk = state.engine.read(path, ReadFrom::At(from), state.config.read_chunk_bytes).await?;
+    let chunk = state
+        .engine
+        .read(path, ReadFrom::At(from), state.config.read_chunk_bytes)
+        .await?;
     if chunk.is_empty() {
         Ok(no_content(&chunk, &cursor))
     } else {
@@ -159,7 +179,10 @@ pub async fn sse(
     client_cursor: Option<&str>,
 ) -> Result<Response, ApiError> {
     let mut rx = state.engine.watch(path).await?;
-    let first = state.engine.read(path, read_from(offset), state.config.read_chunk_bytes).await?;
+    let first = state
+        .engine
+        .read(path, read_from(offset), state.config.read_chunk_bytes)
+        .await?;
     let slot = state.admit_live_reader(path)?;
     let base64 = !parse::is_sse_text(&first.meta.content_type);
     let cursor = cursor_for(state, client_cursor);
@@ -210,11 +233,17 @@ pub async fn sse(
 
     let mut resp = (StatusCode::OK, Body::from_stream(events)).into_response();
     let hs = resp.headers_mut();
-    hs.insert("content-type", HeaderValue::from_static("text/event-stream"));
+    hs.insert(
+        "content-type",
+        HeaderValue::from_static("text/event-stream"),
+    );
     hs.insert("cache-control", HeaderValue::from_static("no-cache"));
     hs.insert("x-accel-buffering", HeaderValue::from_static("no"));
     if base64 {
-        hs.insert(h::STREAM_SSE_DATA_ENCODING, HeaderValue::from_static("base64"));
+        hs.insert(
+            h::STREAM_SSE_DATA_ENCODING,
+            HeaderValue::from_static("base64"),
+        );
     }
     Ok(resp)
 }

@@ -132,7 +132,10 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -175,7 +178,8 @@ async fn serve() -> anyhow::Result<()> {
                 ..FileOptions::default()
             };
             let started = std::time::Instant::now();
-            let e = FileEngine::open(dir, opts).with_context(|| format!("cannot open data directory {}", dir.display()))?;
+            let e = FileEngine::open(dir, opts)
+                .with_context(|| format!("cannot open data directory {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), recovery_ms = started.elapsed().as_millis() as u64, "file engine ready");
             (Arc::new(e), "file")
         }
@@ -189,7 +193,9 @@ async fn serve() -> anyhow::Result<()> {
     if let Some(dir) = &args.data_dir {
         builder = builder.subscriptions_dir(dir.join("subscriptions"));
     }
-    let server = builder.try_build().context("cannot open subscription state")?;
+    let server = builder
+        .try_build()
+        .context("cannot open subscription state")?;
     server.run(listener, shutdown_signal()).await?;
     Ok(())
 }

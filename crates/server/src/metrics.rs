@@ -23,26 +23,60 @@ impl Metrics {
         self.requests[m][c].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, live_readers: usize, engine: &[(&'static str, &'static str, u64)]) -> String {
+    pub fn render(
+        &self,
+        live_readers: usize,
+        engine: &[(&'static str, &'static str, u64)],
+    ) -> String {
         let mut out = String::new();
         out.push_str("# HELP ds_http_requests_total HTTP requests by method and status class\n# TYPE ds_http_requests_total counter\n");
         for (mi, m) in METHODS.iter().enumerate() {
             for (ci, c) in CLASSES.iter().enumerate() {
                 let v = self.requests[mi][ci].load(Ordering::Relaxed);
                 if v > 0 {
-                    let _ = writeln!(out, "ds_http_requests_total{{method=\"{m}\",status=\"{c}\"}} {v}");
+                    let _ = writeln!(
+                        out,
+                        "ds_http_requests_total{{method=\"{m}\",status=\"{c}\"}} {v}"
+                    );
                 }
             }
         }
         let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
-        counter("ds_appends_total", "Appends committed", "counter", self.appends.load(Ordering::Relaxed));
-        counter("ds_append_bytes_total", "Bytes appended", "counter", self.append_bytes.load(Ordering::Relaxed));
-        counter("ds_read_bytes_total", "Stored bytes served by catch-up and long-poll reads", "counter", self.read_bytes.load(Ordering::Relaxed));
-        counter("ds_live_readers", "Long-poll and SSE readers waiting now", "gauge", live_readers as u64);
+        counter(
+            "ds_appends_total",
+            "Appends committed",
+            "counter",
+            self.appends.load(Ordering::Relaxed),
+        );
+        counter(
+            "ds_append_bytes_total",
+            "Bytes appended",
+            "counter",
+            self.append_bytes.load(Ordering::Relaxed),
+        );
+        counter(
+            "ds_read_bytes_total",
+            "Stored bytes served by catch-up and long-poll reads",
+            "counter",
+            self.read_bytes.load(Ordering::Relaxed),
+        );
+        counter(
+            "ds_live_readers",
+            "Long-poll and SSE readers waiting now",
+            "gauge",
+            live_readers as u64,
+        );
         for (name, help, v) in engine {
-            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             counter(name, help, kind, *v);
         }
         out

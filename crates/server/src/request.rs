@@ -45,11 +45,15 @@ pub fn validate_stream_path(encoded: &str) -> Result<Target, ApiError> {
         )));
     }
     if decoded.chars().any(char::is_control) {
-        return Err(ApiError::bad_request("stream path contains control characters"));
+        return Err(ApiError::bad_request(
+            "stream path contains control characters",
+        ));
     }
     for seg in decoded.split('/') {
         if seg.is_empty() || seg == "." || seg == ".." {
-            return Err(ApiError::bad_request("stream path has an empty, '.' or '..' segment"));
+            return Err(ApiError::bad_request(
+                "stream path has an empty, '.' or '..' segment",
+            ));
         }
     }
     if decoded.split('/').next() == Some("__ds") {
@@ -124,7 +128,11 @@ pub fn parse_read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
         None => OffsetParam::Start,
         Some(o) => OffsetParam::parse(&o)?,
     };
-    Ok(ReadQuery { offset, live, cursor })
+    Ok(ReadQuery {
+        offset,
+        live,
+        cursor,
+    })
 }
 
 /// A header as UTF-8 text; a non-UTF-8 value is a 400.
@@ -151,7 +159,10 @@ pub async fn read_body(headers: &HeaderMap, body: Body, max: u64) -> Result<Byte
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ApiError::PayloadTooLarge(max))
         }
         Err(_) => Err(ApiError::bad_request("failed to read the request body")),
@@ -168,11 +179,25 @@ mod tests {
         assert_eq!(ok("/v1/stream/a/b"), Target::Stream("a/b".into()));
         assert_eq!(ok("/v1/stream/a%20b"), Target::Stream("a b".into()));
         assert_eq!(ok("/v1/stream/a%252F"), Target::Stream("a%2F".into()));
-        assert_eq!(ok("/v1/stream/__ds/subscriptions/x"), Target::Reserved("__ds/subscriptions/x".into()));
+        assert_eq!(
+            ok("/v1/stream/__ds/subscriptions/x"),
+            Target::Reserved("__ds/subscriptions/x".into())
+        );
         assert!(resolve_path("/v1/stream", "/v1/streamx").is_none());
         assert!(resolve_path("/v1/stream", "/other").is_none());
-        for bad in ["/v1/stream/", "/v1/stream/a//b", "/v1/stream/a/../b", "/v1/stream/%2e%2e", "/v1/stream/a%00", "/v1/stream/a/", "/v1/stream/%ff"] {
-            assert!(resolve_path("/v1/stream", bad).unwrap().is_err(), "{bad} accepted");
+        for bad in [
+            "/v1/stream/",
+            "/v1/stream/a//b",
+            "/v1/stream/a/../b",
+            "/v1/stream/%2e%2e",
+            "/v1/stream/a%00",
+            "/v1/stream/a/",
+            "/v1/stream/%ff",
+        ] {
+            assert!(
+                resolve_path("/v1/stream", bad).unwrap().is_err(),
+                "{bad} accepted"
+            );
         }
         let long = format!("/v1/stream/{}", "a".repeat(MAX_STREAM_PATH_BYTES + 1));
         assert!(resolve_path("/v1/stream", &long).unwrap().is_err());
@@ -180,7 +205,10 @@ mod tests {
 
     #[test]
     fn fork_source_resolution() {
-        assert_eq!(resolve_fork_source("/v1/stream", "/v1/stream/src").unwrap(), "src");
+        assert_eq!(
+            resolve_fork_source("/v1/stream", "/v1/stream/src").unwrap(),
+            "src"
+        );
         assert_eq!(resolve_fork_source("/v1/stream", "src/x").unwrap(), "src/x");
         assert!(resolve_fork_source("/v1/stream", "/v1/stream/../x").is_err());
     }
@@ -188,13 +216,19 @@ mod tests {
     #[test]
     fn read_query_rules() {
         assert_eq!(parse_read_query(None).unwrap().offset, OffsetParam::Start);
-        assert_eq!(parse_read_query(Some("offset=-1&foo=bar")).unwrap().offset, OffsetParam::Start);
+        assert_eq!(
+            parse_read_query(Some("offset=-1&foo=bar")).unwrap().offset,
+            OffsetParam::Start
+        );
         assert!(parse_read_query(Some("offset=")).is_err());
         assert!(parse_read_query(Some("offset=-1&offset=now")).is_err());
         assert!(parse_read_query(Some("live=sse")).is_err());
         assert!(parse_read_query(Some("offset=now&live=bogus")).is_err());
         assert!(parse_read_query(Some("offset=0%2C1")).is_err());
         let q = parse_read_query(Some("offset=now&live=long-poll&cursor=12")).unwrap();
-        assert_eq!((q.offset, q.live, q.cursor.as_deref()), (OffsetParam::Now, LiveMode::LongPoll, Some("12")));
+        assert_eq!(
+            (q.offset, q.live, q.cursor.as_deref()),
+            (OffsetParam::Now, LiveMode::LongPoll, Some("12"))
+        );
     }
 }

@@ -85,7 +85,10 @@ impl AppState {
             return Err(ApiError::TooManyReaders);
         }
         *n += 1;
-        Ok(LiveGuard { state: self.clone(), path: path.to_owned() })
+        Ok(LiveGuard {
+            state: self.clone(),
+            path: path.to_owned(),
+        })
     }
 
     pub fn live_readers(&self) -> usize {

@@ -41,7 +41,10 @@ const MAX_WEBHOOKS_IN_FLIGHT: usize = 64;
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn random_token() -> String {
@@ -51,7 +54,10 @@ fn random_token() -> String {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// A subscription's normalised configuration (hashed for re-confirmation).
@@ -187,8 +193,12 @@ pub async fn validate_webhook_url(raw: &str) -> Result<reqwest::Url, String> {
         return Err("webhook URLs must use https (http only for localhost)".into());
     }
     match host {
-        url::Host::Ipv4(ip) if ip_is_forbidden(IpAddr::V4(ip)) => Err("private or local address".into()),
-        url::Host::Ipv6(ip) if ip_is_forbidden(IpAddr::V6(ip)) => Err("private or local address".into()),
+        url::Host::Ipv4(ip) if ip_is_forbidden(IpAddr::V4(ip)) => {
+            Err("private or local address".into())
+        }
+        url::Host::Ipv6(ip) if ip_is_forbidden(IpAddr::V6(ip)) => {
+            Err("private or local address".into())
+        }
         url::Host::Domain(d) => {
             let port = url.port_or_known_default().unwrap_or(443);
             // A name that resolves to a private address is refused too. A
@@ -226,7 +236,10 @@ pub struct Subscriptions {
 pub type Reply = (u16, Option<Value>);
 
 fn error(status: u16, code: &str, message: &str) -> Reply {
-    (status, Some(json!({ "error": { "code": code, "message": message } })))
+    (
+        status,
+        Some(json!({ "error": { "code": code, "message": message } })),
+    )
 }
 
 impl Subscriptions {
@@ -249,7 +262,11 @@ impl Subscriptions {
                         s.copy_from_slice(&b);
                         s
                     }
-                    Ok(_) => return Err(std::io::Error::other("subscriptions/signing.key is corrupt")),
+                    Ok(_) => {
+                        return Err(std::io::Error::other(
+                            "subscriptions/signing.key is corrupt",
+                        ))
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         let mut s = [0u8; 32];
                         rand::thread_rng().fill_bytes(&mut s);
@@ -271,7 +288,10 @@ impl Subscriptions {
         // deciding it and writing the event): forget it, the scheduler
         // issues a fresh one if work is pending.
         for s in reg.subs.values_mut() {
-            if s.wake.as_ref().is_some_and(|w| w.holder.is_none() && w.lease_until_ms.is_none()) {
+            if s.wake
+                .as_ref()
+                .is_some_and(|w| w.holder.is_none() && w.lease_until_ms.is_none())
+            {
                 s.wake = None;
             }
         }
@@ -300,7 +320,8 @@ impl Subscriptions {
     /// Persists the registry before the caller answers (see module docs).
     fn persist(&self, reg: &Registry) -> Result<(), Reply> {
         let Some(d) = &self.dir else { return Ok(()) };
-        let body = serde_json::to_vec(reg).map_err(|_| error(500, "INTERNAL", "cannot encode state"))?;
+        let body =
+            serde_json::to_vec(reg).map_err(|_| error(500, "INTERNAL", "cannot encode state"))?;
         write_durably(d, "state.json", &body, false).map_err(|e| {
             tracing::error!(error = %e, "cannot persist subscriptions");
             error(503, "STORAGE_FAILED", "cannot persist subscription state")
@@ -355,7 +376,11 @@ impl Subscriptions {
         let mut reg = self.reg.lock();
         let mut touched = Vec::new();
         for s in reg.subs.values_mut().filter(|s| !s.deleted) {
-            let matches = s.config.pattern.as_deref().is_some_and(|p| glob_matches(p, path));
+            let matches = s
+                .config
+                .pattern
+                .as_deref()
+                .is_some_and(|p| glob_matches(p, path));
             if let Some(l) = s.links.get_mut(path) {
                 l.glob |= matches;
                 if reset && l.acked != 0 {
@@ -363,7 +388,14 @@ impl Subscriptions {
                     touched.push(s.id.clone());
                 }
             } else if matches {
-                s.links.insert(path.to_owned(), Link { glob: true, explicit: false, acked: 0 });
+                s.links.insert(
+                    path.to_owned(),
+                    Link {
+                        glob: true,
+                        explicit: false,
+                        acked: 0,
+                    },
+                );
                 touched.push(s.id.clone());
             }
         }
@@ -380,8 +412,12 @@ impl Subscriptions {
             return; // no subscriptions: no lock on the append path
         }
         let mut reg = self.reg.lock();
-        let ids: Vec<String> =
-            reg.subs.values().filter(|s| !s.deleted && s.links.contains_key(path)).map(|s| s.id.clone()).collect();
+        let ids: Vec<String> = reg
+            .subs
+            .values()
+            .filter(|s| !s.deleted && s.links.contains_key(path))
+            .map(|s| s.id.clone())
+            .collect();
         if !ids.is_empty() {
             reg.dirty.extend(ids);
             self.notify.notify_one();
@@ -429,18 +465,30 @@ impl Subscriptions {
     }
 
     async fn parse_config(body: &[u8]) -> Result<Config, Reply> {
-        let v: Value = serde_json::from_slice(body).map_err(|e| error(400, "INVALID_REQUEST", &format!("invalid JSON: {e}")))?;
-        let obj = v.as_object().ok_or_else(|| error(400, "INVALID_REQUEST", "body must be a JSON object"))?;
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| error(400, "INVALID_REQUEST", &format!("invalid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| error(400, "INVALID_REQUEST", "body must be a JSON object"))?;
         let str_field = |k: &str| -> Result<Option<String>, Reply> {
             match obj.get(k) {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(error(400, "INVALID_REQUEST", &format!("{k} must be a string"))),
+                Some(_) => Err(error(
+                    400,
+                    "INVALID_REQUEST",
+                    &format!("{k} must be a string"),
+                )),
             }
         };
-        let kind = str_field("type")?.ok_or_else(|| error(400, "INVALID_REQUEST", "type is required"))?;
+        let kind =
+            str_field("type")?.ok_or_else(|| error(400, "INVALID_REQUEST", "type is required"))?;
         if kind != "webhook" && kind != "pull-wake" {
-            return Err(error(400, "INVALID_REQUEST", "type must be webhook or pull-wake"));
+            return Err(error(
+                400,
+                "INVALID_REQUEST",
+                "type must be webhook or pull-wake",
+            ));
         }
         let pattern = str_field("pattern")?;
         if let Some(p) = &pattern {
@@ -453,7 +501,9 @@ impl Subscriptions {
             None | Some(Value::Null) => {}
             Some(Value::Array(a)) => {
                 for s in a {
-                    let s = s.as_str().ok_or_else(|| error(400, "INVALID_REQUEST", "streams must be strings"))?;
+                    let s = s
+                        .as_str()
+                        .ok_or_else(|| error(400, "INVALID_REQUEST", "streams must be strings"))?;
                     streams.push(normalize_path(s)?);
                 }
             }
@@ -462,23 +512,40 @@ impl Subscriptions {
         streams.sort();
         streams.dedup();
         if pattern.is_none() && streams.is_empty() {
-            return Err(error(400, "INVALID_REQUEST", "pattern or streams is required"));
+            return Err(error(
+                400,
+                "INVALID_REQUEST",
+                "pattern or streams is required",
+            ));
         }
         let webhook_url = match obj.get("webhook") {
             None | Some(Value::Null) => None,
             Some(w) => Some(
-                w.get("url").and_then(Value::as_str).ok_or_else(|| error(400, "INVALID_REQUEST", "webhook.url is required"))?.to_owned(),
+                w.get("url")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| error(400, "INVALID_REQUEST", "webhook.url is required"))?
+                    .to_owned(),
             ),
         };
-        let wake_stream = str_field("wake_stream")?.map(|s| normalize_path(&s)).transpose()?;
+        let wake_stream = str_field("wake_stream")?
+            .map(|s| normalize_path(&s))
+            .transpose()?;
         match kind.as_str() {
             "webhook" => {
-                let url = webhook_url.as_deref().ok_or_else(|| error(400, "INVALID_REQUEST", "webhook.url is required"))?;
-                validate_webhook_url(url).await.map_err(|m| error(400, "WEBHOOK_URL_REJECTED", &m))?;
+                let url = webhook_url
+                    .as_deref()
+                    .ok_or_else(|| error(400, "INVALID_REQUEST", "webhook.url is required"))?;
+                validate_webhook_url(url)
+                    .await
+                    .map_err(|m| error(400, "WEBHOOK_URL_REJECTED", &m))?;
             }
             _ => {
                 if wake_stream.is_none() {
-                    return Err(error(400, "INVALID_REQUEST", "wake_stream is required for pull-wake"));
+                    return Err(error(
+                        400,
+                        "INVALID_REQUEST",
+                        "wake_stream is required for pull-wake",
+                    ));
                 }
             }
         }
@@ -487,9 +554,19 @@ impl Subscriptions {
             Some(v) => v
                 .as_u64()
                 .filter(|n| (LEASE_MIN_MS..=LEASE_MAX_MS).contains(n))
-                .ok_or_else(|| error(400, "INVALID_REQUEST", "lease_ttl_ms must be 1000..=600000"))?,
+                .ok_or_else(|| {
+                    error(400, "INVALID_REQUEST", "lease_ttl_ms must be 1000..=600000")
+                })?,
         };
-        Ok(Config { kind, pattern, streams, webhook_url, wake_stream, lease_ttl_ms, description: str_field("description")? })
+        Ok(Config {
+            kind,
+            pattern,
+            streams,
+            webhook_url,
+            wake_stream,
+            lease_ttl_ms,
+            description: str_field("description")?,
+        })
     }
 
     /// `PUT __ds/subscriptions/:id`
@@ -505,7 +582,11 @@ impl Subscriptions {
                 return if s.hash == hash {
                     (200, Some(self.describe(s)))
                 } else {
-                    error(409, "CONFIG_MISMATCH", "subscription exists with a different configuration")
+                    error(
+                        409,
+                        "CONFIG_MISMATCH",
+                        "subscription exists with a different configuration",
+                    )
                 };
             }
         }
@@ -515,13 +596,27 @@ impl Subscriptions {
             for path in self.engine.list_paths().await {
                 if glob_matches(p, &path) {
                     let tail = self.tail_of(&path).await;
-                    links.insert(path, Link { glob: true, explicit: false, acked: tail });
+                    links.insert(
+                        path,
+                        Link {
+                            glob: true,
+                            explicit: false,
+                            acked: tail,
+                        },
+                    );
                 }
             }
         }
         for path in &config.streams {
             let tail = self.tail_of(path).await;
-            links.entry(path.clone()).or_insert(Link { glob: false, explicit: true, acked: tail }).explicit = true;
+            links
+                .entry(path.clone())
+                .or_insert(Link {
+                    glob: false,
+                    explicit: true,
+                    acked: tail,
+                })
+                .explicit = true;
         }
         let sub = Sub {
             id: id.to_owned(),
@@ -538,7 +633,11 @@ impl Subscriptions {
         let mut reg = self.reg.lock();
         if let Some(s) = reg.subs.get(id).filter(|s| !s.deleted) {
             // A concurrent PUT of the same id won.
-            return if s.hash == sub.hash { (200, Some(self.describe(s))) } else { error(409, "CONFIG_MISMATCH", "subscription exists") };
+            return if s.hash == sub.hash {
+                (200, Some(self.describe(s)))
+            } else {
+                error(409, "CONFIG_MISMATCH", "subscription exists")
+            };
         }
         let desc = self.describe(&sub);
         reg.subs.insert(id.to_owned(), sub);
@@ -547,7 +646,8 @@ impl Subscriptions {
             return r;
         }
         reg.dirty.insert(id.to_owned());
-        self.active.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.active
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.notify.notify_one();
         (201, Some(desc))
     }
@@ -573,7 +673,8 @@ impl Subscriptions {
         s.links.clear();
         match self.persist(&reg) {
             Ok(()) => {
-                self.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                self.active
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
                 (204, None)
             }
             Err(r) => r,
@@ -605,7 +706,14 @@ impl Subscriptions {
             return error(404, "NOT_FOUND", "no such subscription");
         };
         for (p, tail) in paths.into_iter().zip(tails) {
-            s.links.entry(p).or_insert(Link { glob: false, explicit: true, acked: tail }).explicit = true;
+            s.links
+                .entry(p)
+                .or_insert(Link {
+                    glob: false,
+                    explicit: true,
+                    acked: tail,
+                })
+                .explicit = true;
         }
         match self.persist(&reg) {
             Ok(()) => (204, None),
@@ -618,7 +726,11 @@ impl Subscriptions {
         let Some(s) = reg.subs.get_mut(id).filter(|s| !s.deleted) else {
             return error(404, "NOT_FOUND", "no such subscription");
         };
-        let glob_still = s.config.pattern.as_deref().is_some_and(|p| glob_matches(p, path));
+        let glob_still = s
+            .config
+            .pattern
+            .as_deref()
+            .is_some_and(|p| glob_matches(p, path));
         if let Some(l) = s.links.get_mut(path) {
             l.explicit = false;
             if !(l.glob && glob_still) {
@@ -633,7 +745,13 @@ impl Subscriptions {
 
     /// Current tail of every link of `id`, fetched without holding the lock.
     async fn tails(&self, id: &str) -> BTreeMap<String, u64> {
-        let paths: Vec<String> = self.reg.lock().subs.get(id).map(|s| s.links.keys().cloned().collect()).unwrap_or_default();
+        let paths: Vec<String> = self
+            .reg
+            .lock()
+            .subs
+            .get(id)
+            .map(|s| s.links.keys().cloned().collect())
+            .unwrap_or_default();
         let mut out = BTreeMap::new();
         for p in paths {
             let t = self.tail_of(&p).await;
@@ -643,14 +761,24 @@ impl Subscriptions {
     }
 
     fn has_pending(s: &Sub, tails: &BTreeMap<String, u64>) -> bool {
-        s.links.iter().any(|(p, l)| tails.get(p).is_some_and(|t| *t > l.acked))
+        s.links
+            .iter()
+            .any(|(p, l)| tails.get(p).is_some_and(|t| *t > l.acked))
     }
 
     fn streams_json(s: &Sub, tails: &BTreeMap<String, u64>) -> Vec<Value> {
-        s.links.iter().map(|(p, l)| Self::link_json(p, l, Some(*tails.get(p).unwrap_or(&l.acked)))).collect()
+        s.links
+            .iter()
+            .map(|(p, l)| Self::link_json(p, l, Some(*tails.get(p).unwrap_or(&l.acked))))
+            .collect()
     }
 
-    fn new_wake(s: &mut Sub, tails: &BTreeMap<String, u64>, holder: Option<String>, lease: bool) -> (Wake, String) {
+    fn new_wake(
+        s: &mut Sub,
+        tails: &BTreeMap<String, u64>,
+        holder: Option<String>,
+        lease: bool,
+    ) -> (Wake, String) {
         s.generation += 1;
         let token = random_token();
         let wake = Wake {
@@ -659,7 +787,11 @@ impl Subscriptions {
             holder,
             token_sha256: Some(sha256_hex(token.as_bytes())),
             lease_until_ms: lease.then(|| now_ms() + s.config.lease_ttl_ms),
-            snapshot: s.links.keys().map(|p| (p.clone(), *tails.get(p).unwrap_or(&0))).collect(),
+            snapshot: s
+                .links
+                .keys()
+                .map(|p| (p.clone(), *tails.get(p).unwrap_or(&0)))
+                .collect(),
         };
         s.wake = Some(wake.clone());
         (wake, token)
@@ -681,7 +813,9 @@ impl Subscriptions {
     /// `callback` (webhook) and `ack` (pull-wake): apply acks; `done`
     /// releases the lease, otherwise the lease is extended (heartbeat).
     pub async fn ack(&self, id: &str, token: Option<&str>, body: &[u8]) -> Reply {
-        let Some(token) = token else { return error(401, "UNAUTHORIZED", "a Bearer token is required") };
+        let Some(token) = token else {
+            return error(401, "UNAUTHORIZED", "a Bearer token is required");
+        };
         let v: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => return error(400, "INVALID_REQUEST", &format!("invalid JSON: {e}")),
@@ -690,8 +824,16 @@ impl Subscriptions {
         let generation = v.get("generation").and_then(Value::as_u64).unwrap_or(0);
         let done = v.get("done").and_then(Value::as_bool).unwrap_or(false);
         let mut acks = Vec::new();
-        for a in v.get("acks").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]) {
-            let (Some(stream), Some(off)) = (a.get("stream").and_then(Value::as_str), a.get("offset").and_then(Value::as_str)) else {
+        for a in v
+            .get("acks")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            let (Some(stream), Some(off)) = (
+                a.get("stream").and_then(Value::as_str),
+                a.get("offset").and_then(Value::as_str),
+            ) else {
                 return error(400, "INVALID_REQUEST", "acks need stream and offset");
             };
             match Offset::parse(off) {
@@ -747,15 +889,22 @@ impl Subscriptions {
             return error(404, "NOT_FOUND", "no such subscription");
         };
         if s.config.kind != "pull-wake" {
-            return error(400, "INVALID_REQUEST", "only pull-wake subscriptions can be claimed");
+            return error(
+                400,
+                "INVALID_REQUEST",
+                "only pull-wake subscriptions can be claimed",
+            );
         }
         let now = now_ms();
         if let Some(w) = &s.wake {
             if let (Some(holder), Some(until)) = (&w.holder, w.lease_until_ms) {
                 if until >= now {
-                    return (409, Some(json!({ "error": {
-                        "code": "ALREADY_CLAIMED", "current_holder": holder, "generation": w.generation,
-                    }})));
+                    return (
+                        409,
+                        Some(json!({ "error": {
+                            "code": "ALREADY_CLAIMED", "current_holder": holder, "generation": w.generation,
+                        }})),
+                    );
                 }
             }
         }
@@ -772,7 +921,11 @@ impl Subscriptions {
             w.holder = Some(worker.clone());
             w.token_sha256 = Some(sha256_hex(token.as_bytes()));
             w.lease_until_ms = Some(now + lease);
-            w.snapshot = s.links.keys().map(|p| (p.clone(), *tails.get(p).unwrap_or(&0))).collect();
+            w.snapshot = s
+                .links
+                .keys()
+                .map(|p| (p.clone(), *tails.get(p).unwrap_or(&0)))
+                .collect();
             (w.clone(), token)
         } else {
             Self::new_wake(s, &tails, Some(worker), true)
@@ -792,7 +945,9 @@ impl Subscriptions {
 
     /// `release`: gives the lease back without acking.
     pub fn release(&self, id: &str, token: Option<&str>, body: &[u8]) -> Reply {
-        let Some(token) = token else { return error(401, "UNAUTHORIZED", "a Bearer token is required") };
+        let Some(token) = token else {
+            return error(401, "UNAUTHORIZED", "a Bearer token is required");
+        };
         let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let wake_id = v.get("wake_id").and_then(Value::as_str).unwrap_or("");
         let generation = v.get("generation").and_then(Value::as_u64).unwrap_or(0);
@@ -848,7 +1003,11 @@ impl Subscriptions {
                         due.push(s.id.clone());
                     }
                 }
-                if s.retry.as_ref().is_some_and(|r| r.next_attempt_at_ms <= now) && s.wake.is_none() {
+                if s.retry
+                    .as_ref()
+                    .is_some_and(|r| r.next_attempt_at_ms <= now)
+                    && s.wake.is_none()
+                {
                     due.push(s.id.clone());
                 }
             }
@@ -862,8 +1021,11 @@ impl Subscriptions {
             let tails = self.tails(&id).await;
             let action = {
                 let mut reg = self.reg.lock();
-                let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else { continue };
-                if s.wake.is_some() || s.retry.as_ref().is_some_and(|r| r.next_attempt_at_ms > now) {
+                let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else {
+                    continue;
+                };
+                if s.wake.is_some() || s.retry.as_ref().is_some_and(|r| r.next_attempt_at_ms > now)
+                {
                     continue;
                 }
                 if !Self::has_pending(s, &tails) {
@@ -873,8 +1035,12 @@ impl Subscriptions {
                     }
                     continue;
                 }
-                let pending: Vec<String> =
-                    s.links.iter().filter(|(p, l)| tails.get(*p).is_some_and(|t| *t > l.acked)).map(|(p, _)| p.clone()).collect();
+                let pending: Vec<String> = s
+                    .links
+                    .iter()
+                    .filter(|(p, l)| tails.get(*p).is_some_and(|t| *t > l.acked))
+                    .map(|(p, _)| p.clone())
+                    .collect();
                 if s.config.kind == "webhook" {
                     let (wake, token) = Self::new_wake(s, &tails, None, true);
                     let body = json!({
@@ -885,7 +1051,11 @@ impl Subscriptions {
                         "callback_url": format!("{}/__ds/subscriptions/{}/callback", s.root_url, s.id),
                         "callback_token": token,
                     });
-                    let action = Action::Webhook(s.config.webhook_url.clone().unwrap_or_default(), body, wake.wake_id.clone());
+                    let action = Action::Webhook(
+                        s.config.webhook_url.clone().unwrap_or_default(),
+                        body,
+                        wake.wake_id.clone(),
+                    );
                     // Persisted before delivery: the wake has a lease, so
                     // after a crash it expires and is issued again.
                     if self.persist(&reg).is_err() {
@@ -896,7 +1066,11 @@ impl Subscriptions {
                     // Pull wake: the event is written first and the wake
                     // recorded after, so a crash in between only causes a
                     // second (harmless) wake event, never a lost one.
-                    Action::WakeStream(s.config.wake_stream.clone().unwrap_or_default(), pending, s.generation + 1)
+                    Action::WakeStream(
+                        s.config.wake_stream.clone().unwrap_or_default(),
+                        pending,
+                        s.generation + 1,
+                    )
                 }
             };
             match action {
@@ -909,11 +1083,20 @@ impl Subscriptions {
                         .iter()
                         .map(|p| json!({ "type": "wake", "subscription_id": id, "stream": p, "generation": generation, "ts": now_ms() }))
                         .collect();
-                    let records = events.iter().map(|e| Bytes::from(format!("{e},"))).collect();
-                    let req = AppendRequest { content_type: Some("application/json".into()), records, ..Default::default() };
+                    let records = events
+                        .iter()
+                        .map(|e| Bytes::from(format!("{e},")))
+                        .collect();
+                    let req = AppendRequest {
+                        content_type: Some("application/json".into()),
+                        records,
+                        ..Default::default()
+                    };
                     let written = self.engine.append(&stream, req).await;
                     let mut reg = self.reg.lock();
-                    let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else { continue };
+                    let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else {
+                        continue;
+                    };
                     match written {
                         Ok(_) => {
                             // Unless a claim already created a wake meanwhile.
@@ -927,7 +1110,10 @@ impl Subscriptions {
                             let attempt = s.retry.as_ref().map_or(0, |r| r.attempt) + 1;
                             let delay = backoff_ms(attempt);
                             tracing::warn!(subscription = %id, wake_stream = %stream, error = %e, delay_ms = delay, "cannot write wake event");
-                            s.retry = Some(Retry { attempt, next_attempt_at_ms: now_ms() + delay });
+                            s.retry = Some(Retry {
+                                attempt,
+                                next_attempt_at_ms: now_ms() + delay,
+                            });
                         }
                     }
                     let _ = self.persist(&reg);
@@ -941,7 +1127,11 @@ impl Subscriptions {
         msg.push(b'.');
         msg.extend_from_slice(body);
         let sig = self.key.sign(&msg);
-        format!("t={t},kid={},ed25519={}", self.kid, B64URL.encode(sig.to_bytes()))
+        format!(
+            "t={t},kid={},ed25519={}",
+            self.kid,
+            B64URL.encode(sig.to_bytes())
+        )
     }
 
     async fn deliver(self: Arc<Self>, id: String, url: String, body: Value, wake_id: String) {
@@ -975,7 +1165,9 @@ impl Subscriptions {
             },
         };
         let mut reg = self.reg.lock();
-        let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else { return };
+        let Some(s) = reg.subs.get_mut(&id).filter(|s| !s.deleted) else {
+            return;
+        };
         if s.wake.as_ref().map(|w| w.wake_id.as_str()) != Some(wake_id.as_str()) {
             return; // superseded (callback, expiry, deletion)
         }
@@ -997,7 +1189,10 @@ impl Subscriptions {
                 let delay = backoff_ms(attempt);
                 tracing::warn!(subscription = %id, attempt, delay_ms = delay, error = %e, "webhook delivery failed");
                 s.wake = None;
-                s.retry = Some(Retry { attempt, next_attempt_at_ms: now_ms() + delay });
+                s.retry = Some(Retry {
+                    attempt,
+                    next_attempt_at_ms: now_ms() + delay,
+                });
             }
         }
         let _ = self.persist(&reg);
@@ -1026,7 +1221,12 @@ fn normalize_path(p: &str) -> Result<String, Reply> {
 }
 
 /// Writes `name` in `dir` atomically and durably.
-fn write_durably(dir: &std::path::Path, name: &str, data: &[u8], secret: bool) -> std::io::Result<()> {
+fn write_durably(
+    dir: &std::path::Path,
+    name: &str,
+    data: &[u8],
+    secret: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(format!("{name}.tmp"));
     let mut opts = std::fs::OpenOptions::new();
@@ -1059,13 +1259,25 @@ mod tests {
 
     #[tokio::test]
     async fn webhook_urls() {
-        for ok in ["https://example.com/hook", "http://localhost:8080/h", "http://127.0.0.1:9/h", "http://[::1]:9/h"] {
+        for ok in [
+            "https://example.com/hook",
+            "http://localhost:8080/h",
+            "http://127.0.0.1:9/h",
+            "http://[::1]:9/h",
+        ] {
             assert!(validate_webhook_url(ok).await.is_ok(), "{ok}");
         }
         for bad in [
-            "http://example.com/h", "https://10.0.0.1/h", "https://192.168.1.1/h", "https://169.254.169.254/latest",
-            "https://127.0.0.2.nip.invalid@10.0.0.1/", "ftp://localhost/x", "https://[fd00::1]/h", "https://100.64.0.1/",
-            "http://10.0.0.1/hook", "not a url",
+            "http://example.com/h",
+            "https://10.0.0.1/h",
+            "https://192.168.1.1/h",
+            "https://169.254.169.254/latest",
+            "https://127.0.0.2.nip.invalid@10.0.0.1/",
+            "ftp://localhost/x",
+            "https://[fd00::1]/h",
+            "https://100.64.0.1/",
+            "http://10.0.0.1/hook",
+            "not a url",
         ] {
             assert!(validate_webhook_url(bad).await.is_err(), "{bad}");
         }

@@ -15,25 +15,45 @@ fn reply(status: u16, body: Option<serde_json::Value>) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match body {
         None => (status, Body::empty()).into_response(),
-        Some(v) => (status, [("content-type", "application/json")], v.to_string()).into_response(),
+        Some(v) => (
+            status,
+            [("content-type", "application/json")],
+            v.to_string(),
+        )
+            .into_response(),
     }
 }
 
 fn not_found() -> Response {
-    reply(404, Some(json!({ "error": { "code": "NOT_FOUND", "message": "unknown __ds endpoint" } })))
+    reply(
+        404,
+        Some(json!({ "error": { "code": "NOT_FOUND", "message": "unknown __ds endpoint" } })),
+    )
 }
 
 fn method_not_allowed() -> Response {
-    reply(405, Some(json!({ "error": { "code": "METHOD_NOT_ALLOWED", "message": "method not allowed" } })))
+    reply(
+        405,
+        Some(json!({ "error": { "code": "METHOD_NOT_ALLOWED", "message": "method not allowed" } })),
+    )
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     let v = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
 }
 
-pub async fn dispatch(state: &AppState, method: Method, rel: &str, headers: &HeaderMap, body: Body) -> Response {
+pub async fn dispatch(
+    state: &AppState,
+    method: Method,
+    rel: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
     let subs = &state.subscriptions;
     let segs: Vec<&str> = rel.split('/').collect();
     let body = match method {
@@ -47,14 +67,23 @@ pub async fn dispatch(state: &AppState, method: Method, rel: &str, headers: &Hea
         (Method::GET | Method::HEAD, ["__ds", "jwks.json"]) => {
             let mut r = reply(200, Some(subs.jwks()));
             let hs = r.headers_mut();
-            hs.insert("content-type", HeaderValue::from_static("application/jwk-set+json"));
-            hs.insert("cache-control", HeaderValue::from_static("public, max-age=300"));
+            hs.insert(
+                "content-type",
+                HeaderValue::from_static("application/jwk-set+json"),
+            );
+            hs.insert(
+                "cache-control",
+                HeaderValue::from_static("public, max-age=300"),
+            );
             return r;
         }
         (_, ["__ds", "jwks.json"]) => return method_not_allowed(),
         (m, ["__ds", "subscriptions", id]) => match m {
             Method::PUT => {
-                let host = header_str(headers, "host").ok().flatten().unwrap_or("localhost");
+                let host = header_str(headers, "host")
+                    .ok()
+                    .flatten()
+                    .unwrap_or("localhost");
                 let root = format!("http://{host}{}", state.config.path_prefix);
                 subs.put(id, &body, root).await
             }
@@ -62,20 +91,30 @@ pub async fn dispatch(state: &AppState, method: Method, rel: &str, headers: &Hea
             Method::DELETE => subs.delete(id),
             _ => return method_not_allowed(),
         },
-        (Method::POST, ["__ds", "subscriptions", id, "streams"]) => subs.add_streams(id, &body).await,
-        (Method::DELETE, ["__ds", "subscriptions", id, "streams", rest @ ..]) if !rest.is_empty() => {
+        (Method::POST, ["__ds", "subscriptions", id, "streams"]) => {
+            subs.add_streams(id, &body).await
+        }
+        (Method::DELETE, ["__ds", "subscriptions", id, "streams", rest @ ..])
+            if !rest.is_empty() =>
+        {
             subs.remove_stream(id, &rest.join("/"))
         }
-        (Method::POST, ["__ds", "subscriptions", id, "callback" | "ack"]) => subs.ack(id, bearer(headers), &body).await,
+        (Method::POST, ["__ds", "subscriptions", id, "callback" | "ack"]) => {
+            subs.ack(id, bearer(headers), &body).await
+        }
         (Method::POST, ["__ds", "subscriptions", id, "claim"]) => subs.claim(id, &body).await,
-        (Method::POST, ["__ds", "subscriptions", id, "release"]) => subs.release(id, bearer(headers), &body),
+        (Method::POST, ["__ds", "subscriptions", id, "release"]) => {
+            subs.release(id, bearer(headers), &body)
+        }
         (_, ["__ds", "subscriptions", _, ..]) => return method_not_allowed(),
         _ => return not_found(),
     };
     let mut r = reply(status, value);
     if status == 401 {
-        r.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
     }
-    r.headers_mut().insert("cache-control", HeaderValue::from_static("no-store"));
+    r.headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
     r
 }

@@ -78,7 +78,12 @@ impl ServerProc {
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(String::new()));
         // The guard exists before anything can panic, so the child never leaks.
-        let mut proc = ServerProc { child, addr: ([0, 0, 0, 0], 0).into(), log: log.clone(), exited: None };
+        let mut proc = ServerProc {
+            child,
+            addr: ([0, 0, 0, 0], 0).into(),
+            log: log.clone(),
+            exited: None,
+        };
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             // Keep draining stderr for the whole life of the process so it never blocks on a full pipe.
@@ -102,7 +107,10 @@ impl ServerProc {
         });
         match rx.recv_timeout(Duration::from_secs(15)) {
             Ok(addr) => proc.addr = addr,
-            Err(_) => panic!("server did not log its listening address; stderr:\n{}", proc.log()),
+            Err(_) => panic!(
+                "server did not log its listening address; stderr:\n{}",
+                proc.log()
+            ),
         }
         proc
     }
@@ -145,11 +153,17 @@ impl Drop for ServerProc {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(10)).build().unwrap()
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
 }
 
 fn header<'a>(resp: &'a reqwest::Response, name: &str) -> Option<&'a str> {
-    resp.headers().get(name).map(|v| v.to_str().expect("ASCII header"))
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().expect("ASCII header"))
 }
 
 /// A response read off a raw socket.
@@ -194,8 +208,19 @@ fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
     RawResponse { status, head }
 }
 
-async fn create(c: &reqwest::Client, url: &str, content_type: &str, body: impl Into<reqwest::Body>) {
-    let r = c.put(url).header("content-type", content_type).body(body).send().await.unwrap();
+async fn create(
+    c: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) {
+    let r = c
+        .put(url)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201, "create {url}");
 }
 
@@ -206,9 +231,15 @@ async fn read_all(c: &reqwest::Client, url: &str) -> (Vec<u8>, Vec<usize>, Strin
     let mut data = Vec::new();
     let mut sizes = Vec::new();
     for _ in 0..10_000 {
-        let r = c.get(format!("{url}?offset={offset}")).send().await.unwrap();
+        let r = c
+            .get(format!("{url}?offset={offset}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "read {url} at {offset}");
-        let next = header(&r, "stream-next-offset").expect("Stream-Next-Offset").to_owned();
+        let next = header(&r, "stream-next-offset")
+            .expect("Stream-Next-Offset")
+            .to_owned();
         let up_to_date = header(&r, "stream-up-to-date") == Some("true");
         let body = r.bytes().await.unwrap();
         sizes.push(body.len());
@@ -216,8 +247,14 @@ async fn read_all(c: &reqwest::Client, url: &str) -> (Vec<u8>, Vec<usize>, Strin
         if up_to_date {
             return (data, sizes, next);
         }
-        assert!(!body.is_empty(), "a chunk short of the tail carried no data");
-        assert!(next > offset || offset == "-1", "offset did not advance: {offset} -> {next}");
+        assert!(
+            !body.is_empty(),
+            "a chunk short of the tail carried no data"
+        );
+        assert!(
+            next > offset || offset == "-1",
+            "offset did not advance: {offset} -> {next}"
+        );
         offset = next;
     }
     panic!("never reached Stream-Up-To-Date");
@@ -239,7 +276,10 @@ async fn healthz_is_200_once_listening() {
 /// `dev --help` documents every server flag.
 #[test]
 fn help_mentions_every_flag() {
-    let out = Command::new(BIN).args(["dev", "--help"]).output().expect("run --help");
+    let out = Command::new(BIN)
+        .args(["dev", "--help"])
+        .output()
+        .expect("run --help");
     assert!(out.status.success(), "dev --help failed: {out:?}");
     let help = String::from_utf8(out.stdout).unwrap();
     for flag in [
@@ -255,10 +295,16 @@ fn help_mentions_every_flag() {
         "--path-prefix",
         "--data-dir",
     ] {
-        assert!(help.contains(flag), "`dev --help` does not mention {flag}:\n{help}");
+        assert!(
+            help.contains(flag),
+            "`dev --help` does not mention {flag}:\n{help}"
+        );
     }
     // The top-level help leads to the subcommand.
-    let top = Command::new(BIN).arg("--help").output().expect("run --help");
+    let top = Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("run --help");
     assert!(top.status.success());
     assert!(String::from_utf8(top.stdout).unwrap().contains("dev"));
 }
@@ -275,62 +321,108 @@ async fn oversized_bodies_get_413_and_change_nothing() {
     let initial: Vec<u8> = (0..100u8).collect();
     create(&c, &url, "application/octet-stream", initial.clone()).await;
     let head_before = c.head(&url).send().await.unwrap();
-    let tail_before = header(&head_before, "stream-next-offset").unwrap().to_owned();
+    let tail_before = header(&head_before, "stream-next-offset")
+        .unwrap()
+        .to_owned();
 
     // Content-Length announces too much: refused before the body is read.
     let big = vec![0xABu8; LIMIT + 1];
-    let r = c.post(&url).header("content-type", "application/octet-stream").body(big.clone()).send().await.unwrap();
-    assert_eq!(r.status(), 413, "Content-Length over the limit");
-
-    // Chunked transfer encoding: no length up front; refused once the limit is crossed.
-    let pieces: Vec<Result<Bytes, std::io::Error>> = big.chunks(256).map(|p| Ok(Bytes::copy_from_slice(p))).collect();
     let r = c
         .post(&url)
         .header("content-type", "application/octet-stream")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(pieces)))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "Content-Length over the limit");
+
+    // Chunked transfer encoding: no length up front; refused once the limit is crossed.
+    let pieces: Vec<Result<Bytes, std::io::Error>> = big
+        .chunks(256)
+        .map(|p| Ok(Bytes::copy_from_slice(p)))
+        .collect();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            pieces,
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 413, "chunked body over the limit");
-    assert!(r.headers().get("content-length").is_some() || r.headers().get("transfer-encoding").is_some());
+    assert!(
+        r.headers().get("content-length").is_some()
+            || r.headers().get("transfer-encoding").is_some()
+    );
 
     // The stream is unchanged.
     let (data, _, next) = read_all(&c, &url).await;
     assert_eq!(data, initial, "stream content changed by a refused append");
     assert_eq!(next, tail_before);
     let head_after = c.head(&url).send().await.unwrap();
-    assert_eq!(header(&head_after, "stream-next-offset"), Some(tail_before.as_str()));
+    assert_eq!(
+        header(&head_after, "stream-next-offset"),
+        Some(tail_before.as_str())
+    );
 
     // A create with an oversized body (both framings) creates nothing.
     let other = srv.url("/v1/stream/limits-create");
-    let r = c.put(&other).header("content-type", "application/octet-stream").body(big.clone()).send().await.unwrap();
-    assert_eq!(r.status(), 413, "create with Content-Length over the limit");
-    let pieces: Vec<Result<Bytes, std::io::Error>> = big.chunks(100).map(|p| Ok(Bytes::copy_from_slice(p))).collect();
     let r = c
         .put(&other)
         .header("content-type", "application/octet-stream")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(pieces)))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413, "create with Content-Length over the limit");
+    let pieces: Vec<Result<Bytes, std::io::Error>> = big
+        .chunks(100)
+        .map(|p| Ok(Bytes::copy_from_slice(p)))
+        .collect();
+    let r = c
+        .put(&other)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            pieces,
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 413, "chunked create over the limit");
-    assert_eq!(c.head(&other).send().await.unwrap().status(), 404, "a refused create left a stream behind");
+    assert_eq!(
+        c.head(&other).send().await.unwrap().status(),
+        404,
+        "a refused create left a stream behind"
+    );
 
     // Exactly the limit is fine, with either framing.
     let exact = vec![0x5Au8; LIMIT];
-    let r = c.post(&url).header("content-type", "application/octet-stream").body(exact.clone()).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "application/octet-stream")
+        .body(exact.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204, "a body of exactly --max-append-bytes");
     let r = c
         .post(&url)
         .header("content-type", "application/octet-stream")
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(vec![
-            Ok::<_, std::io::Error>(Bytes::from(exact[..512].to_vec())),
-            Ok(Bytes::from(exact[512..].to_vec())),
-        ])))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            vec![
+                Ok::<_, std::io::Error>(Bytes::from(exact[..512].to_vec())),
+                Ok(Bytes::from(exact[512..].to_vec())),
+            ],
+        )))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 204, "a chunked body of exactly --max-append-bytes");
+    assert_eq!(
+        r.status(),
+        204,
+        "a chunked body of exactly --max-append-bytes"
+    );
     let (data, _, _) = read_all(&c, &url).await;
     let mut expected = initial.clone();
     expected.extend_from_slice(&exact);
@@ -352,9 +444,17 @@ fn oversized_request_head_gets_431() {
         .into_bytes()
     };
     let ok = raw_request(srv.addr, &request(12 * 1024));
-    assert_eq!(ok.status, 200, "a 12 KiB head under a 16 KiB limit: {}", ok.head);
+    assert_eq!(
+        ok.status, 200,
+        "a 12 KiB head under a 16 KiB limit: {}",
+        ok.head
+    );
     let too_big = raw_request(srv.addr, &request(32 * 1024));
-    assert_eq!(too_big.status, 431, "a 32 KiB head over a 16 KiB limit: {}", too_big.head);
+    assert_eq!(
+        too_big.status, 431,
+        "a 32 KiB head over a 16 KiB limit: {}",
+        too_big.head
+    );
     // The server is still healthy afterwards.
     let again = raw_request(srv.addr, &request(10));
     assert_eq!(again.status, 200);
@@ -371,20 +471,32 @@ async fn read_chunk_bytes_cuts_catch_up_reads() {
     let all: Vec<u8> = (0..=255u8).rev().chain(0..=40u8).collect();
     create(&c, &url, "application/octet-stream", all[..20].to_vec()).await;
     for part in all[20..].chunks(37) {
-        let r =
-            c.post(&url).header("content-type", "application/octet-stream").body(part.to_vec()).send().await.unwrap();
+        let r = c
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .body(part.to_vec())
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 204);
     }
 
     // The first read is cut and says nothing about being up to date.
     let r = c.get(format!("{url}?offset=-1")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "stream-up-to-date"), None, "a cut chunk claimed to be up to date");
+    assert_eq!(
+        header(&r, "stream-up-to-date"),
+        None,
+        "a cut chunk claimed to be up to date"
+    );
     assert_eq!(r.bytes().await.unwrap().len(), 16);
 
     let (data, sizes, next) = read_all(&c, &url).await;
     assert_eq!(data, all, "reassembled bytes differ");
-    assert!(sizes.iter().all(|&n| n <= 16), "a chunk exceeded --read-chunk-bytes: {sizes:?}");
+    assert!(
+        sizes.iter().all(|&n| n <= 16),
+        "a chunk exceeded --read-chunk-bytes: {sizes:?}"
+    );
     assert_eq!(sizes.len(), all.len().div_ceil(16), "chunk sizes {sizes:?}");
     let head = c.head(&url).send().await.unwrap();
     assert_eq!(header(&head, "stream-next-offset"), Some(next.as_str()));
@@ -406,46 +518,88 @@ async fn live_reader_limit_answers_503_with_retry_after() {
             let c = c.clone();
             let u = poll_url.clone();
             tokio::spawn(async move {
-                let r = c.get(&u).timeout(Duration::from_secs(20)).send().await.unwrap();
+                let r = c
+                    .get(&u)
+                    .timeout(Duration::from_secs(20))
+                    .send()
+                    .await
+                    .unwrap();
                 (r.status(), r.text().await.unwrap())
             })
         })
         .collect();
     // Give both time to be admitted and start waiting.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(waiters.iter().all(|w| !w.is_finished()), "a long-poll on an idle stream returned early");
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "a long-poll on an idle stream returned early"
+    );
 
     let third = tokio::time::timeout(Duration::from_secs(5), c.get(&poll_url).send())
         .await
         .expect("the third long-poll hung instead of being refused")
         .unwrap();
     assert_eq!(third.status(), 503);
-    let retry = header(&third, "retry-after").expect("503 without Retry-After").to_owned();
-    assert!(retry.trim().parse::<u64>().is_ok(), "Retry-After {retry:?} is not delta-seconds");
+    let retry = header(&third, "retry-after")
+        .expect("503 without Retry-After")
+        .to_owned();
+    assert!(
+        retry.trim().parse::<u64>().is_ok(),
+        "Retry-After {retry:?} is not delta-seconds"
+    );
     // SSE readers count against the same limit.
-    let sse = tokio::time::timeout(Duration::from_secs(5), c.get(format!("{url}?offset=now&live=sse")).send())
-        .await
-        .expect("the SSE reader hung instead of being refused")
-        .unwrap();
+    let sse = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.get(format!("{url}?offset=now&live=sse")).send(),
+    )
+    .await
+    .expect("the SSE reader hung instead of being refused")
+    .unwrap();
     assert_eq!(sse.status(), 503);
     assert!(sse.headers().contains_key("retry-after"));
 
     // The two admitted waiters get the data.
-    let r = c.post(&url).header("content-type", "text/plain").body("wake").send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body("wake")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     for w in waiters {
-        let (status, body) = tokio::time::timeout(Duration::from_secs(5), w).await.expect("waiter not woken").unwrap();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("waiter not woken")
+            .unwrap();
         assert_eq!((status.as_u16(), body.as_str()), (200, "wake"));
     }
 
     // Their slots are free again: a new long-poll is admitted and woken.
     let c2 = c.clone();
     let u = poll_url.clone();
-    let again = tokio::spawn(async move { c2.get(&u).timeout(Duration::from_secs(20)).send().await.unwrap() });
+    let again = tokio::spawn(async move {
+        c2.get(&u)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap()
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!again.is_finished(), "long-poll after the slots were released returned early (503?)");
-    c.post(&url).header("content-type", "text/plain").body("again").send().await.unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(5), again).await.expect("not woken").unwrap();
+    assert!(
+        !again.is_finished(),
+        "long-poll after the slots were released returned early (503?)"
+    );
+    c.post(&url)
+        .header("content-type", "text/plain")
+        .body("again")
+        .send()
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), again)
+        .await
+        .expect("not woken")
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "again");
 }
@@ -458,7 +612,13 @@ async fn custom_path_prefix() {
     let c = client();
     let url = srv.url("/custom/a/b");
     create(&c, &url, "text/plain", "hello").await;
-    let r = c.post(&url).header("content-type", "text/plain").body(" world").send().await.unwrap();
+    let r = c
+        .post(&url)
+        .header("content-type", "text/plain")
+        .body(" world")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     let (data, _, _) = read_all(&c, &url).await;
     assert_eq!(data, b"hello world");
@@ -471,12 +631,20 @@ async fn custom_path_prefix() {
         (reqwest::Method::PUT, "/v1/stream/other"),
         (reqwest::Method::PUT, "/customx/a"),
     ] {
-        let r = c.request(method.clone(), srv.url(path)).header("content-type", "text/plain").send().await.unwrap();
+        let r = c
+            .request(method.clone(), srv.url(path))
+            .header("content-type", "text/plain")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 404, "{method} {path}");
     }
     // The stream is still there, and /healthz stays at the root.
     assert_eq!(c.head(&url).send().await.unwrap().status(), 200);
-    assert_eq!(c.get(srv.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        c.get(srv.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
 }
 
 /// SIGTERM with a long-poll and an SSE reader connected makes the process
@@ -499,32 +667,60 @@ async fn sigterm_with_live_readers_exits_promptly_with_status_0() {
     let lp_client = c.clone();
     let lp_url = format!("{url}?offset=now&live=long-poll");
     let long_poll = tokio::spawn(async move {
-        let r = lp_client.get(&lp_url).timeout(Duration::from_secs(20)).send().await?;
+        let r = lp_client
+            .get(&lp_url)
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await?;
         let status = r.status();
         r.bytes().await?;
         Ok::<_, reqwest::Error>(status)
     });
 
-    let mut sse = c.get(format!("{url}?offset=-1&live=sse")).timeout(Duration::from_secs(20)).send().await.unwrap();
+    let mut sse = c
+        .get(format!("{url}?offset=-1&live=sse"))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(sse.status(), 200);
     // The first event proves the SSE reader is live.
-    let first = tokio::time::timeout(Duration::from_secs(5), sse.chunk()).await.expect("no SSE event").unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), sse.chunk())
+        .await
+        .expect("no SSE event")
+        .unwrap();
     assert!(first.is_some());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!long_poll.is_finished(), "long-poll returned before shutdown");
+    assert!(
+        !long_poll.is_finished(),
+        "long-poll returned before shutdown"
+    );
 
     let sent = Instant::now();
-    let st = Command::new("kill").args(["-TERM", &srv.pid().to_string()]).status().expect("run kill");
+    let st = Command::new("kill")
+        .args(["-TERM", &srv.pid().to_string()])
+        .status()
+        .expect("run kill");
     assert!(st.success());
     let status = srv
         .wait_exit(Duration::from_secs(5))
         .unwrap_or_else(|| panic!("still running 5 s after SIGTERM; log:\n{}", srv.log()));
     let took = sent.elapsed();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", srv.log());
-    assert!(took < Duration::from_secs(3), "exit took {took:?} (grace period 10 s)");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        srv.log()
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "exit took {took:?} (grace period 10 s)"
+    );
 
     // The long-poll got an answer (not a reset) and the SSE body ended.
-    let lp = tokio::time::timeout(Duration::from_secs(2), long_poll).await.expect("long-poll hung").unwrap();
+    let lp = tokio::time::timeout(Duration::from_secs(2), long_poll)
+        .await
+        .expect("long-poll hung")
+        .unwrap();
     let lp = lp.expect("long-poll failed instead of being answered on shutdown");
     assert_eq!(lp, 204, "long-poll answer on shutdown");
     let end = tokio::time::timeout(Duration::from_secs(2), async {
@@ -547,16 +743,43 @@ async fn sigterm_with_live_readers_exits_promptly_with_status_0() {
 async fn reserved_ds_path_is_not_a_stream() {
     let srv = ServerProc::start(&[]);
     let c = client();
-    for path in
-        ["/v1/stream/__ds/anything", "/v1/stream/__ds", "/v1/stream/__ds/subscriptions/x", "/v1/stream/%5F%5Fds/y"]
-    {
+    for path in [
+        "/v1/stream/__ds/anything",
+        "/v1/stream/__ds",
+        "/v1/stream/__ds/subscriptions/x",
+        "/v1/stream/%5F%5Fds/y",
+    ] {
         let url = srv.url(path);
-        let r = c.put(&url).header("content-type", "text/plain").body("data").send().await.unwrap();
-        assert!(!r.status().is_success(), "PUT {path} answered {}", r.status());
-        for method in [reqwest::Method::GET, reqwest::Method::HEAD, reqwest::Method::POST, reqwest::Method::DELETE] {
-            let r =
-                c.request(method.clone(), &url).header("content-type", "text/plain").body("more").send().await.unwrap();
-            assert!(!r.status().is_success(), "{method} {path} answered {} after the PUT", r.status());
+        let r = c
+            .put(&url)
+            .header("content-type", "text/plain")
+            .body("data")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            !r.status().is_success(),
+            "PUT {path} answered {}",
+            r.status()
+        );
+        for method in [
+            reqwest::Method::GET,
+            reqwest::Method::HEAD,
+            reqwest::Method::POST,
+            reqwest::Method::DELETE,
+        ] {
+            let r = c
+                .request(method.clone(), &url)
+                .header("content-type", "text/plain")
+                .body("more")
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                !r.status().is_success(),
+                "{method} {path} answered {} after the PUT",
+                r.status()
+            );
         }
     }
     let normal = srv.url("/v1/stream/app/__ds/x");
@@ -575,11 +798,19 @@ async fn long_poll_on_deleted_stream_answers_404_at_once() {
     let c2 = c.clone();
     let u = format!("{url}?offset=now&live=long-poll");
     let waiter = tokio::spawn(async move {
-        let r = c2.get(&u).timeout(Duration::from_secs(25)).send().await.unwrap();
+        let r = c2
+            .get(&u)
+            .timeout(Duration::from_secs(25))
+            .send()
+            .await
+            .unwrap();
         r.status()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiter.is_finished(), "long-poll on an idle stream returned early");
+    assert!(
+        !waiter.is_finished(),
+        "long-poll on an idle stream returned early"
+    );
     let deleted = Instant::now();
     assert_eq!(c.delete(&url).send().await.unwrap().status(), 204);
     // Generous bound: this asserts "not waiting for the 30 s timeout", not speed.
@@ -629,9 +860,16 @@ fn invalid_stream_paths_get_400() {
     // Over the length limit (1024 decoded bytes) as well.
     let long = format!("/v1/stream/{}", "a".repeat(1025));
     let req = format!("PUT {long} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    assert_eq!(raw_request(srv.addr, req.as_bytes()).status, 400, "1025-byte stream path");
+    assert_eq!(
+        raw_request(srv.addr, req.as_bytes()).status,
+        400,
+        "1025-byte stream path"
+    );
     // And nothing was created along the way: a sibling valid path is still free.
-    let req = format!("HEAD /v1/stream/a HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", srv.addr);
+    let req = format!(
+        "HEAD /v1/stream/a HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        srv.addr
+    );
     assert_eq!(raw_request(srv.addr, req.as_bytes()).status, 404);
 }
 
@@ -642,16 +880,29 @@ fn invalid_stream_paths_get_400() {
 async fn recreating_an_expired_stream_does_not_wedge_the_server() {
     let srv = ServerProc::start(&[]);
     let c = client();
-    for (i, (name, value)) in
-        [("stream-ttl", "0"), ("stream-expires-at", "2000-01-01T00:00:00Z")].into_iter().enumerate()
+    for (i, (name, value)) in [
+        ("stream-ttl", "0"),
+        ("stream-expires-at", "2000-01-01T00:00:00Z"),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let url = srv.url(&format!("/v1/stream/expiring/{i}"));
-        let r = c.put(&url).header("content-type", "text/plain").header(name, value).send().await.unwrap();
+        let r = c
+            .put(&url)
+            .header("content-type", "text/plain")
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 201, "create with {name}: {value}");
         // Expired at once: the next create must replace it, not hang.
         let r = tokio::time::timeout(
             Duration::from_secs(5),
-            c.put(&url).header("content-type", "text/plain").body("fresh").send(),
+            c.put(&url)
+                .header("content-type", "text/plain")
+                .body("fresh")
+                .send(),
         )
         .await
         .unwrap_or_else(|_| panic!("PUT over a stream expired by {name} hung (server wedged?)"))

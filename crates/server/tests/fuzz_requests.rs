@@ -81,7 +81,11 @@ fn is_witness(root_relative: &str) -> bool {
 /// path: the part after the prefix, percent-decoded once.
 fn decoded_target(path: &str) -> Option<String> {
     let rest = path.strip_prefix(PREFIX)?.strip_prefix('/')?;
-    Some(percent_encoding::percent_decode_str(rest).decode_utf8_lossy().into_owned())
+    Some(
+        percent_encoding::percent_decode_str(rest)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
 }
 
 /// The reserved subscription namespace, which this server documents as
@@ -112,8 +116,16 @@ impl std::fmt::Debug for FuzzRequest {
         for (k, v) in &self.headers {
             write!(f, "\n    {k}: {:?}", String::from_utf8_lossy(v))?;
         }
-        let shown: String = String::from_utf8_lossy(&self.body).chars().take(80).collect();
-        write!(f, "\n    body ({} bytes{}): {shown:?}", self.body.len(), if self.chunked { ", chunked" } else { "" })
+        let shown: String = String::from_utf8_lossy(&self.body)
+            .chars()
+            .take(80)
+            .collect();
+        write!(
+            f,
+            "\n    body ({} bytes{}): {shown:?}",
+            self.body.len(),
+            if self.chunked { ", chunked" } else { "" }
+        )
     }
 }
 
@@ -135,35 +147,62 @@ type ReqBody = BoxBody<Bytes, Infallible>;
 /// Sends one request on a fresh connection. SSE responses are dropped after
 /// their headers; every other body is read to the end.
 async fn send(addr: SocketAddr, req: &FuzzRequest) -> Result<Answer, String> {
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, ReqBody>(TokioIo::new(stream))
+    let stream = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, ReqBody>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
     let conn = tokio::spawn(conn);
-    let mut builder = http::Request::builder().method(req.method.clone()).uri(req.target.as_str());
+    let mut builder = http::Request::builder()
+        .method(req.method.clone())
+        .uri(req.target.as_str());
     builder = builder.header("host", addr.to_string());
     for (name, value) in &req.headers {
-        let v = HeaderValue::from_bytes(value).map_err(|e| format!("generator made a bad header value: {e}"))?;
+        let v = HeaderValue::from_bytes(value)
+            .map_err(|e| format!("generator made a bad header value: {e}"))?;
         builder = builder.header(*name, v);
     }
     let body: ReqBody = if req.chunked {
         let size = (req.body.len() / 3).max(1);
-        let frames: Vec<Result<Frame<Bytes>, Infallible>> =
-            req.body.chunks(size).map(|c| Ok(Frame::data(Bytes::copy_from_slice(c)))).collect();
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = req
+            .body
+            .chunks(size)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
         StreamBody::new(futures_util::stream::iter(frames)).boxed()
     } else {
         Full::new(Bytes::from(req.body.clone())).boxed()
     };
-    let request = builder.body(body).map_err(|e| format!("generator made a bad request: {e}"))?;
-    let resp = sender.send_request(request).await.map_err(|e| format!("send: {e}"))?;
+    let request = builder
+        .body(body)
+        .map_err(|e| format!("generator made a bad request: {e}"))?;
+    let resp = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
     let status = resp.status();
     let headers = resp.headers().clone();
-    let sse =
-        headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("text/event-stream"));
-    let body =
-        if sse { Bytes::new() } else { resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes() };
+    let sse = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    let body = if sse {
+        Bytes::new()
+    } else {
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes()
+    };
     conn.abort();
-    Ok(Answer { status, headers, body })
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
 }
 
 async fn send_timed(addr: SocketAddr, req: &FuzzRequest) -> Result<Answer, String> {
@@ -173,8 +212,19 @@ async fn send_timed(addr: SocketAddr, req: &FuzzRequest) -> Result<Answer, Strin
     }
 }
 
-fn simple(method: Method, target: String, headers: Vec<(&'static str, Vec<u8>)>, body: &[u8]) -> FuzzRequest {
-    FuzzRequest { method, target, headers, body: body.to_vec(), chunked: false }
+fn simple(
+    method: Method,
+    target: String,
+    headers: Vec<(&'static str, Vec<u8>)>,
+    body: &[u8],
+) -> FuzzRequest {
+    FuzzRequest {
+        method,
+        target,
+        headers,
+        body: body.to_vec(),
+        chunked: false,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -191,7 +241,8 @@ struct Snapshot {
 }
 
 fn hdr(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    h.get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 async fn snapshot(addr: SocketAddr, w: &Witness) -> Result<Snapshot, String> {
@@ -199,11 +250,19 @@ async fn snapshot(addr: SocketAddr, w: &Witness) -> Result<Snapshot, String> {
     let mut offset = "-1".to_owned();
     let mut chunks = Vec::new();
     loop {
-        let a = send_timed(addr, &simple(Method::GET, format!("{url}?offset={offset}"), vec![], b"")).await?;
+        let a = send_timed(
+            addr,
+            &simple(Method::GET, format!("{url}?offset={offset}"), vec![], b""),
+        )
+        .await?;
         if a.status != StatusCode::OK {
-            return Err(format!("GET {url}?offset={offset}: {} {:?}", a.status, a.body));
+            return Err(format!(
+                "GET {url}?offset={offset}: {} {:?}",
+                a.status, a.body
+            ));
         }
-        let next = hdr(&a.headers, "stream-next-offset").ok_or("read without Stream-Next-Offset")?;
+        let next =
+            hdr(&a.headers, "stream-next-offset").ok_or("read without Stream-Next-Offset")?;
         chunks.push(a.body);
         if a.headers.get("stream-up-to-date").is_some() {
             offset = next;
@@ -218,16 +277,28 @@ async fn snapshot(addr: SocketAddr, w: &Witness) -> Result<Snapshot, String> {
     if a.status != StatusCode::OK {
         return Err(format!("HEAD {url}: {}", a.status));
     }
-    let head =
-        (hdr(&a.headers, "stream-next-offset"), hdr(&a.headers, "content-type"), hdr(&a.headers, "stream-closed"));
-    Ok(Snapshot { chunks, final_offset: offset, head })
+    let head = (
+        hdr(&a.headers, "stream-next-offset"),
+        hdr(&a.headers, "content-type"),
+        hdr(&a.headers, "stream-closed"),
+    );
+    Ok(Snapshot {
+        chunks,
+        final_offset: offset,
+        head,
+    })
 }
 
 async fn create_witnesses(addr: SocketAddr) {
     for w in WITNESSES {
         let url = format!("{PREFIX}/{}", w.path);
         let ct = || ("content-type", w.content_type.as_bytes().to_vec());
-        let a = send_timed(addr, &simple(Method::PUT, url.clone(), vec![ct()], w.create)).await.unwrap();
+        let a = send_timed(
+            addr,
+            &simple(Method::PUT, url.clone(), vec![ct()], w.create),
+        )
+        .await
+        .unwrap();
         assert_eq!(a.status, StatusCode::CREATED, "create witness {url}");
         for (i, body) in w.appends.iter().enumerate() {
             // Some appends go through an idempotent producer, so witnesses carry producer state too.
@@ -237,14 +308,23 @@ async fn create_witnesses(addr: SocketAddr) {
                 headers.push(("producer-epoch", b"0".to_vec()));
                 headers.push(("producer-seq", (i / 2).to_string().into_bytes()));
             }
-            let a = send_timed(addr, &simple(Method::POST, url.clone(), headers, body)).await.unwrap();
+            let a = send_timed(addr, &simple(Method::POST, url.clone(), headers, body))
+                .await
+                .unwrap();
             assert!(a.status.is_success(), "append to witness {url}: {a:?}");
         }
         if w.close {
-            let a =
-                send_timed(addr, &simple(Method::POST, url.clone(), vec![("stream-closed", b"true".to_vec())], b""))
-                    .await
-                    .unwrap();
+            let a = send_timed(
+                addr,
+                &simple(
+                    Method::POST,
+                    url.clone(),
+                    vec![("stream-closed", b"true".to_vec())],
+                    b"",
+                ),
+            )
+            .await
+            .unwrap();
             assert!(a.status.is_success(), "close witness {url}: {a:?}");
         }
     }
@@ -382,7 +462,11 @@ fn method_strategy() -> impl Strategy<Value = Method> {
 
 /// An offset token for a small position (as the server mints them).
 fn token(n: u64) -> String {
-    format!("{:016}_{:016}", n / 10_000_000_000_000_000, n % 10_000_000_000_000_000)
+    format!(
+        "{:016}_{:016}",
+        n / 10_000_000_000_000_000,
+        n % 10_000_000_000_000_000
+    )
 }
 
 fn offset_value() -> BoxedStrategy<String> {
@@ -407,9 +491,24 @@ fn query_strategy() -> impl Strategy<Value = String> {
         proptest::option::weighted(0.1, offset_value()),
         proptest::option::weighted(
             0.5,
-            select(vec!["long-poll", "sse", "long-poll", "sse", "", "bogus", "LONG-POLL", "true"]),
+            select(vec![
+                "long-poll",
+                "sse",
+                "long-poll",
+                "sse",
+                "",
+                "bogus",
+                "LONG-POLL",
+                "true",
+            ]),
         ),
-        proptest::option::weighted(0.3, prop_oneof![(0u64..u64::MAX).prop_map(|n| n.to_string()), any::<String>()]),
+        proptest::option::weighted(
+            0.3,
+            prop_oneof![
+                (0u64..u64::MAX).prop_map(|n| n.to_string()),
+                any::<String>()
+            ],
+        ),
         proptest::option::weighted(
             0.1,
             select(vec![
@@ -480,7 +579,13 @@ fn specific_values(name: &str) -> Vec<Vec<u8>> {
     let v = |xs: &[&str]| xs.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
     let witness_sources: Vec<String> = WITNESSES
         .iter()
-        .flat_map(|w| [format!("{PREFIX}/{}", w.path), w.path.to_owned(), format!("/{}", w.path)])
+        .flat_map(|w| {
+            [
+                format!("{PREFIX}/{}", w.path),
+                w.path.to_owned(),
+                format!("/{}", w.path),
+            ]
+        })
         .collect();
     match name {
         "content-type" => v(&[
@@ -497,7 +602,16 @@ fn specific_values(name: &str) -> Vec<Vec<u8>> {
             "multipart/form-data; boundary=x",
             "*/*",
         ]),
-        "stream-ttl" => v(&["0", "1", "60", "3600", "1000000000000", "1000000000001", "-5", " 10"]),
+        "stream-ttl" => v(&[
+            "0",
+            "1",
+            "60",
+            "3600",
+            "1000000000000",
+            "1000000000001",
+            "-5",
+            " 10",
+        ]),
         "stream-expires-at" => v(&[
             "2000-01-01T00:00:00Z",
             "2099-01-01T00:00:00Z",
@@ -513,9 +627,14 @@ fn specific_values(name: &str) -> Vec<Vec<u8>> {
         "stream-closed" => v(&["true", "TRUE", " true ", "false", "1", "yes"]),
         "stream-seq" => v(&["a", "b", "c", "0001", "0002", "zzzz", "A"]),
         "producer-id" => v(&["p", "q", "witness-producer", " ", "a b"]),
-        "producer-epoch" | "producer-seq" => v(&["0", "1", "2", "3", "9007199254740991", "9007199254740992"]),
+        "producer-epoch" | "producer-seq" => {
+            v(&["0", "1", "2", "3", "9007199254740991", "9007199254740992"])
+        }
         "stream-forked-from" => {
-            let mut out: Vec<Vec<u8>> = witness_sources.into_iter().map(String::into_bytes).collect();
+            let mut out: Vec<Vec<u8>> = witness_sources
+                .into_iter()
+                .map(String::into_bytes)
+                .collect();
             out.extend(v(&[
                 "/v1/stream/s/a",
                 "/v1/stream/f/1",
@@ -533,13 +652,29 @@ fn specific_values(name: &str) -> Vec<Vec<u8>> {
             out
         }
         "stream-fork-offset" => {
-            let mut out: Vec<Vec<u8>> =
-                [0, 1, 3, 5, 9, 10, 12, 17, 20, 30, 64].iter().map(|&n| token(n).into_bytes()).collect();
-            out.extend(v(&["9999999999999999_9999999999999999", "0000000000001844_6744073709551615", "-1", "now"]));
+            let mut out: Vec<Vec<u8>> = [0, 1, 3, 5, 9, 10, 12, 17, 20, 30, 64]
+                .iter()
+                .map(|&n| token(n).into_bytes())
+                .collect();
+            out.extend(v(&[
+                "9999999999999999_9999999999999999",
+                "0000000000001844_6744073709551615",
+                "-1",
+                "now",
+            ]));
             out
         }
-        "stream-fork-sub-offset" => v(&["0", "1", "2", "3", "4", "100", "18446744073709551615", "-1"]),
-        "if-none-match" => v(&["*", "\"x\"", "W/\"1\"", "\"1:0:0\"", "\"0:0:0\", *", "\"a\", \"b\""]),
+        "stream-fork-sub-offset" => {
+            v(&["0", "1", "2", "3", "4", "100", "18446744073709551615", "-1"])
+        }
+        "if-none-match" => v(&[
+            "*",
+            "\"x\"",
+            "W/\"1\"",
+            "\"1:0:0\"",
+            "\"0:0:0\", *",
+            "\"a\", \"b\"",
+        ]),
         _ => Vec::new(),
     }
 }
@@ -594,7 +729,11 @@ fn headers_strategy() -> impl Strategy<Value = Vec<(&'static str, Vec<u8>)>> {
         // A consistent idempotent-producer triple now and then.
         proptest::option::weighted(
             0.25,
-            (header_value("producer-id"), header_value("producer-epoch"), header_value("producer-seq")),
+            (
+                header_value("producer-id"),
+                header_value("producer-epoch"),
+                header_value("producer-seq"),
+            ),
         ),
         // A fork request, often of a witness.
         proptest::option::weighted(
@@ -682,19 +821,35 @@ fn body_strategy() -> impl Strategy<Value = Vec<u8>> {
 // the success paths (creates, appends, forks, producers, live reads), which
 // build the state that the chaotic requests then poke at.
 
-const SANE_NAMES: &[&str] = &["s/a", "s/b", "s/c", "f/1", "f/2", "j/1", "t", "witness/bin/child", "\u{fc}/\u{f1}"];
+const SANE_NAMES: &[&str] = &[
+    "s/a",
+    "s/b",
+    "s/c",
+    "f/1",
+    "f/2",
+    "j/1",
+    "t",
+    "witness/bin/child",
+    "\u{fc}/\u{f1}",
+];
 
 /// The content type a sane client uses for a stream name (forks: their source's, often).
 fn usual_content_type(name: &str) -> &'static str {
     match name {
         "j/1" | "f/2" => "application/json",
         "t" | "\u{fc}/\u{f1}" => "text/plain",
-        _ => WITNESSES.iter().find(|w| w.path == name).map_or("application/octet-stream", |w| w.content_type),
+        _ => WITNESSES
+            .iter()
+            .find(|w| w.path == name)
+            .map_or("application/octet-stream", |w| w.content_type),
     }
 }
 
 fn sane_headers(name: &'static str) -> impl Strategy<Value = Vec<(&'static str, Vec<u8>)>> {
-    let witness_sources: Vec<String> = WITNESSES.iter().map(|w| format!("{PREFIX}/{}", w.path)).collect();
+    let witness_sources: Vec<String> = WITNESSES
+        .iter()
+        .map(|w| format!("{PREFIX}/{}", w.path))
+        .collect();
     let other_sources: Vec<String> = SANE_NAMES.iter().map(|n| format!("{PREFIX}/{n}")).collect();
     (
         proptest::option::weighted(
@@ -779,11 +934,25 @@ fn sane_query() -> impl Strategy<Value = String> {
 }
 
 /// Method, path, query, headers, body, chunked.
-type RawParts = (Method, String, String, Vec<(&'static str, Vec<u8>)>, Vec<u8>, bool);
+type RawParts = (
+    Method,
+    String,
+    String,
+    Vec<(&'static str, Vec<u8>)>,
+    Vec<u8>,
+    bool,
+);
 
 fn sane_request() -> impl Strategy<Value = RawParts> {
     let witness_paths: Vec<&'static str> = WITNESSES.iter().map(|w| w.path).collect();
-    let json: Vec<&'static [u8]> = vec![br#"{"a":1}"#, b"[1,2,3]", br#""s""#, b"[]", br#"[{"k":[1]},2]"#, b"null"];
+    let json: Vec<&'static [u8]> = vec![
+        br#"{"a":1}"#,
+        b"[1,2,3]",
+        br#""s""#,
+        b"[]",
+        br#"[{"k":[1]},2]"#,
+        b"null",
+    ];
     prop_oneof![5 => select(SANE_NAMES), 1 => select(witness_paths)].prop_flat_map(move |name| {
         (
             prop_oneof![
@@ -819,15 +988,27 @@ fn chaos_request() -> impl Strategy<Value = RawParts> {
 }
 
 fn request_strategy() -> impl Strategy<Value = FuzzRequest> {
-    prop_oneof![sane_request(), chaos_request()].prop_map(|(mut method, path, query, headers, body, chunked)| {
-        // Witnesses must not be appended to, created over or deleted.
-        let touches_witness = decoded_target(&path).is_some_and(|t| is_witness(&t));
-        if touches_witness && matches!(method, Method::PUT | Method::POST | Method::DELETE) {
-            method = Method::GET;
-        }
-        let target = if query.is_empty() { path } else { format!("{path}?{query}") };
-        FuzzRequest { method, target, headers, body, chunked }
-    })
+    prop_oneof![sane_request(), chaos_request()].prop_map(
+        |(mut method, path, query, headers, body, chunked)| {
+            // Witnesses must not be appended to, created over or deleted.
+            let touches_witness = decoded_target(&path).is_some_and(|t| is_witness(&t));
+            if touches_witness && matches!(method, Method::PUT | Method::POST | Method::DELETE) {
+                method = Method::GET;
+            }
+            let target = if query.is_empty() {
+                path
+            } else {
+                format!("{path}?{query}")
+            };
+            FuzzRequest {
+                method,
+                target,
+                headers,
+                body,
+                chunked,
+            }
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -886,7 +1067,11 @@ impl History {
             q.push_back(line);
         }
         if let Some(t) = decoded_target(req.path()) {
-            bounded(self.per_stream.lock().unwrap().entry(t).or_default(), line.clone(), 10);
+            bounded(
+                self.per_stream.lock().unwrap().entry(t).or_default(),
+                line.clone(),
+                10,
+            );
         }
         bounded(&mut self.recent.lock().unwrap(), line, 30);
     }
@@ -897,7 +1082,14 @@ impl History {
         }
         if let Some(t) = decoded_target(req.path()) {
             out.push_str(&format!("last requests to stream {t:?}:\n"));
-            for l in self.per_stream.lock().unwrap().get(&t).into_iter().flatten() {
+            for l in self
+                .per_stream
+                .lock()
+                .unwrap()
+                .get(&t)
+                .into_iter()
+                .flatten()
+            {
                 out.push_str(&format!("  {l}\n"));
             }
         }
@@ -914,7 +1106,15 @@ fn random_requests_never_5xx_never_hang_and_leave_witnesses_intact() {
 /// File engine (on a fresh data directory): the same property.
 #[test]
 fn random_requests_against_the_file_engine() {
-    let dir = std::env::temp_dir().join(format!("ds-fuzz-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let dir = std::env::temp_dir().join(format!(
+        "ds-fuzz-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+    ));
     run_fuzz(Some(dir.clone()));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -922,26 +1122,36 @@ fn random_requests_against_the_file_engine() {
 fn run_fuzz(data_dir: Option<std::path::PathBuf>) {
     let started = Instant::now();
     let server_rt = ServerRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap(),
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap(),
     ));
     let srt = server_rt.0.as_ref().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
-    let listener = srt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
+    let listener = srt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))
+        .unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = durable_streams_server::Server::builder().long_poll_timeout(Duration::from_millis(50));
+    let mut builder =
+        durable_streams_server::Server::builder().long_poll_timeout(Duration::from_millis(50));
     if let Some(dir) = &data_dir {
-        let engine = durable_streams_storage::FileEngine::open(dir, durable_streams_storage::FileOptions::default()).unwrap();
+        let engine = durable_streams_storage::FileEngine::open(
+            dir,
+            durable_streams_storage::FileOptions::default(),
+        )
+        .unwrap();
         builder = builder.engine(std::sync::Arc::new(engine));
     }
-    let server =
-        srt.spawn(builder.build().run(
-            listener,
-            async move {
-                let _ = stop_rx.await;
-            },
-        ));
+    let server = srt.spawn(builder.build().run(listener, async move {
+        let _ = stop_rx.await;
+    }));
 
     rt.block_on(create_witnesses(addr));
     let baseline: Vec<Snapshot> = rt.block_on(async {
@@ -952,11 +1162,31 @@ fn run_fuzz(data_dir: Option<std::path::PathBuf>) {
         v
     });
     for (w, s) in WITNESSES.iter().zip(&baseline) {
-        assert_eq!(s.head.1.as_deref(), Some(w.content_type), "witness {} content type", w.path);
-        assert_eq!(s.head.2.as_deref(), w.close.then_some("true"), "witness {} closure", w.path);
-        assert_eq!(s.head.0.as_deref(), Some(s.final_offset.as_str()), "witness {} tail", w.path);
+        assert_eq!(
+            s.head.1.as_deref(),
+            Some(w.content_type),
+            "witness {} content type",
+            w.path
+        );
+        assert_eq!(
+            s.head.2.as_deref(),
+            w.close.then_some("true"),
+            "witness {} closure",
+            w.path
+        );
+        assert_eq!(
+            s.head.0.as_deref(),
+            Some(s.final_offset.as_str()),
+            "witness {} tail",
+            w.path
+        );
         if !w.content_type.contains("json") {
-            assert_eq!(s.chunks.concat(), expected_bytes(w), "witness {} content", w.path);
+            assert_eq!(
+                s.chunks.concat(),
+                expected_bytes(w),
+                "witness {} content",
+                w.path
+            );
         }
     }
     let json_witness = &baseline[2];
@@ -966,7 +1196,10 @@ fn run_fuzz(data_dir: Option<std::path::PathBuf>) {
         "JSON witness content"
     );
 
-    let mut config = Config { failure_persistence: None, ..Config::default() };
+    let mut config = Config {
+        failure_persistence: None,
+        ..Config::default()
+    };
     if std::env::var_os("PROPTEST_CASES").is_none() {
         config.cases = 200;
     }
@@ -1053,13 +1286,25 @@ fn run_fuzz(data_dir: Option<std::path::PathBuf>) {
         }
     });
     let statuses = statuses.into_inner().unwrap();
-    eprintln!("{cases} cases, responses by status: {statuses:?}, {:?}", started.elapsed());
+    eprintln!(
+        "{cases} cases, responses by status: {statuses:?}, {:?}",
+        started.elapsed()
+    );
     if cases >= 50 {
-        let ok = statuses.iter().filter(|((_, s), _)| (200..300).contains(s)).map(|(_, n)| n).sum::<usize>();
-        assert!(ok > 0, "no request succeeded: the generator only exercises error paths");
+        let ok = statuses
+            .iter()
+            .filter(|((_, s), _)| (200..300).contains(s))
+            .map(|(_, n)| n)
+            .sum::<usize>();
+        assert!(
+            ok > 0,
+            "no request succeeded: the generator only exercises error paths"
+        );
     }
     let _ = stop_tx.send(());
     let stopped = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), server).await });
-    let outcome = stopped.expect("server did not stop within 5 s of shutdown").expect("server task panicked");
+    let outcome = stopped
+        .expect("server did not stop within 5 s of shutdown")
+        .expect("server task panicked");
     outcome.expect("server returned an error");
 }

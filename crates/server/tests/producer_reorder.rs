@@ -7,9 +7,19 @@ use std::time::Duration;
 async fn start(reorder_wait: Duration) -> (String, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let config = ServerConfig { producer_reorder_wait: reorder_wait, ..ServerConfig::default() };
+    let config = ServerConfig {
+        producer_reorder_wait: reorder_wait,
+        ..ServerConfig::default()
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(Server::builder().config(config).build().run(listener, async { let _ = rx.await; }));
+    tokio::spawn(
+        Server::builder()
+            .config(config)
+            .build()
+            .run(listener, async {
+                let _ = rx.await;
+            }),
+    );
     (format!("http://{addr}/v1/stream"), tx)
 }
 
@@ -31,7 +41,15 @@ async fn overtaking_request_waits_for_its_predecessor() {
     let (base, _stop) = start(Duration::from_secs(5)).await;
     let c = reqwest::Client::new();
     let url = format!("{base}/reorder");
-    assert_eq!(c.put(&url).header("content-type", "text/plain").send().await.unwrap().status(), 201);
+    assert_eq!(
+        c.put(&url)
+            .header("content-type", "text/plain")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        201
+    );
     let first = tokio::spawn({
         let (c, url) = (c.clone(), url.clone());
         async move { post(&c, &url, 1).await.status() }
@@ -39,7 +57,14 @@ async fn overtaking_request_waits_for_its_predecessor() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(post(&c, &url, 0).await.status(), 200);
     assert_eq!(first.await.unwrap(), 200);
-    let body = c.get(format!("{url}?offset=-1")).send().await.unwrap().text().await.unwrap();
+    let body = c
+        .get(format!("{url}?offset=-1"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(body, "m0;m1;");
 }
 
@@ -49,7 +74,11 @@ async fn gap_without_predecessor_is_409() {
     let (base, _stop) = start(Duration::from_millis(30)).await;
     let c = reqwest::Client::new();
     let url = format!("{base}/gap");
-    c.put(&url).header("content-type", "text/plain").send().await.unwrap();
+    c.put(&url)
+        .header("content-type", "text/plain")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(post(&c, &url, 0).await.status(), 200);
     let r = post(&c, &url, 2).await;
     assert_eq!(r.status(), 409);

@@ -44,7 +44,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Reads up to `max_bytes` starting at `from` (cut at a record boundary
     /// for JSON streams; a single record larger than the limit is returned
     /// whole). Refreshes a sliding TTL.
-    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> Result<ReadChunk, StorageError>;
+    async fn read(
+        &self,
+        path: &str,
+        from: ReadFrom,
+        max_bytes: usize,
+    ) -> Result<ReadChunk, StorageError>;
 
     /// Deletes a stream; soft-deletes it while forks still reference it.
     async fn delete(&self, path: &str) -> Result<(), StorageError>;
@@ -52,7 +57,8 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// A change feed for live readers: the receiver sees every change of the
     /// stream's tail and closure, and `gone` once it is deleted or expired.
     /// Does not refresh TTL.
-    async fn watch(&self, path: &str) -> Result<tokio::sync::watch::Receiver<Signal>, StorageError>;
+    async fn watch(&self, path: &str)
+        -> Result<tokio::sync::watch::Receiver<Signal>, StorageError>;
 
     /// Frees streams whose expiry has passed. Returns how many were removed.
     async fn sweep_expired(&self) -> usize;

@@ -58,21 +58,36 @@ pub fn check_producer(
         return if seq == 0 {
             Ok(ProducerCheck::Accept)
         } else {
-            Err(StorageError::SeqGap { expected: 0, received: seq })
+            Err(StorageError::SeqGap {
+                expected: 0,
+                received: seq,
+            })
         };
     };
     if epoch < state.epoch {
-        return Err(StorageError::StaleEpoch { current: state.epoch });
+        return Err(StorageError::StaleEpoch {
+            current: state.epoch,
+        });
     }
     if epoch > state.epoch {
-        return if seq == 0 { Ok(ProducerCheck::Accept) } else { Err(StorageError::EpochSeqNotZero) };
+        return if seq == 0 {
+            Ok(ProducerCheck::Accept)
+        } else {
+            Err(StorageError::EpochSeqNotZero)
+        };
     }
     if seq <= state.last_seq {
-        Ok(ProducerCheck::Duplicate { epoch, last_seq: state.last_seq })
+        Ok(ProducerCheck::Duplicate {
+            epoch,
+            last_seq: state.last_seq,
+        })
     } else if seq == state.last_seq + 1 {
         Ok(ProducerCheck::Accept)
     } else {
-        Err(StorageError::SeqGap { expected: state.last_seq + 1, received: seq })
+        Err(StorageError::SeqGap {
+            expected: state.last_seq + 1,
+            received: seq,
+        })
     }
 }
 
@@ -130,7 +145,11 @@ impl Stream {
     }
 
     fn publish(&self, st: &State) {
-        self.signal.send_replace(Signal { tail: Offset(st.tail), closed: st.w.closed, gone: st.removed });
+        self.signal.send_replace(Signal {
+            tail: Offset(st.tail),
+            closed: st.w.closed,
+            gone: st.removed,
+        });
     }
 }
 
@@ -152,7 +171,10 @@ fn collect(
     out: &mut Vec<Bytes>,
 ) -> Result<u64, StorageError> {
     if from < s.base {
-        let src = s.source.as_ref().ok_or(StorageError::Io("fork without source".into()))?;
+        let src = s
+            .source
+            .as_ref()
+            .ok_or(StorageError::Io("fork without source".into()))?;
         let limit = upto.min(s.base);
         let reached = collect(src, from, limit, budget, out)?;
         if reached < limit || reached >= upto {
@@ -165,7 +187,9 @@ fn collect(
     if from >= upto {
         return Ok(from);
     }
-    let mut idx = st.records.partition_point(|(start, b)| start + b.len() as u64 <= from);
+    let mut idx = st
+        .records
+        .partition_point(|(start, b)| start + b.len() as u64 <= from);
     while idx < st.records.len() && from < upto && budget.records > 0 {
         let (start, bytes) = &st.records[idx];
         // Invariant: records are contiguous, so `start <= from < start + len`.
@@ -225,13 +249,22 @@ impl MemoryEngine {
         // Incarnations start at the wall-clock time in microseconds so that an
         // ETag minted by a previous process never matches a stream of this one.
         let start = clock.now_ms().saturating_mul(1000);
-        MemoryEngine { streams: RwLock::new(HashMap::new()), next_incarnation: AtomicU64::new(start), clock }
+        MemoryEngine {
+            streams: RwLock::new(HashMap::new()),
+            next_incarnation: AtomicU64::new(start),
+            clock,
+        }
     }
 
     /// Looks a stream up for a client operation: expired streams are removed
     /// on the spot (404), soft-deleted ones answer 410.
     fn live(&self, path: &str) -> Result<Arc<Stream>, StorageError> {
-        let s = self.streams.read().get(path).cloned().ok_or(StorageError::NotFound)?;
+        let s = self
+            .streams
+            .read()
+            .get(path)
+            .cloned()
+            .ok_or(StorageError::NotFound)?;
         let now = self.clock.now_ms();
         let (expired, soft) = {
             let st = s.state.lock();
@@ -271,8 +304,12 @@ impl MemoryEngine {
             reg.remove(&path);
             // Release this stream's reference on its source; continue the
             // cascade if the source was soft-deleted and this was its last fork.
-            let Some(src) = cur.source.clone() else { return };
-            let Some(fork) = cur.fork.as_ref() else { return };
+            let Some(src) = cur.source.clone() else {
+                return;
+            };
+            let Some(fork) = cur.fork.as_ref() else {
+                return;
+            };
             let cascade = {
                 let mut st = src.state.lock();
                 st.fork_refs = st.fork_refs.saturating_sub(1);
@@ -311,14 +348,21 @@ impl MemoryEngine {
         let state = State {
             records,
             tail,
-            w: WriterState { closed: req.closed, ..WriterState::default() },
+            w: WriterState {
+                closed: req.closed,
+                ..WriterState::default()
+            },
             expiry,
             last_access_ms: self.clock.now_ms(),
             soft_deleted: false,
             fork_refs: 0,
             removed: false,
         };
-        let (signal, _) = watch::channel(Signal { tail: Offset(tail), closed: req.closed, gone: false });
+        let (signal, _) = watch::channel(Signal {
+            tail: Offset(tail),
+            closed: req.closed,
+            gone: false,
+        });
         Arc::new(Stream {
             incarnation: self.next_incarnation.fetch_add(1, Ordering::Relaxed),
             content_type,
@@ -350,7 +394,10 @@ impl MemoryEngine {
             anchor
         } else if src.json {
             let wanted = usize::try_from(spec.sub_offset).unwrap_or(usize::MAX);
-            let mut budget = Budget { bytes: usize::MAX, records: wanted };
+            let mut budget = Budget {
+                bytes: usize::MAX,
+                records: wanted,
+            };
             let mut out = Vec::new();
             let reached = collect(&src, anchor, tail, &mut budget, &mut out)?;
             if budget.records != 0 {
@@ -365,7 +412,10 @@ impl MemoryEngine {
         };
         if src.json && spec.sub_offset == 0 && point != tail {
             // Validate alignment of a JSON fork point: it must start a record.
-            let mut budget = Budget { bytes: 0, records: 1 };
+            let mut budget = Budget {
+                bytes: 0,
+                records: 1,
+            };
             collect(&src, point, tail, &mut budget, &mut Vec::new())?;
         }
         Ok((src, point))
@@ -373,7 +423,13 @@ impl MemoryEngine {
 }
 
 fn same_config(s: &Stream, st: &State, req: &CreateRequest) -> bool {
-    rules::same_config(&s.content_type, &s.requested_expiry, &s.fork, st.w.closed, req)
+    rules::same_config(
+        &s.content_type,
+        &s.requested_expiry,
+        &s.fork,
+        st.w.closed,
+        req,
+    )
 }
 
 #[async_trait]
@@ -402,7 +458,10 @@ impl Engine for MemoryEngine {
 
         let stream = match &req.fork {
             None => {
-                let ct = req.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+                let ct = req
+                    .content_type
+                    .clone()
+                    .unwrap_or_else(|| "application/octet-stream".into());
                 self.new_stream(&req, ct, req.json, 0, None, req.expiry.clone())
             }
             Some(spec) => {
@@ -416,7 +475,14 @@ impl Engine for MemoryEngine {
                     (Expiry::Never, inherited) => inherited.clone(),
                     (own, _) => own.clone(),
                 };
-                self.new_stream(&req, src.content_type.clone(), src.json, point, Some(src.clone()), expiry)
+                self.new_stream(
+                    &req,
+                    src.content_type.clone(),
+                    src.json,
+                    point,
+                    Some(src.clone()),
+                    expiry,
+                )
             }
         };
 
@@ -433,7 +499,11 @@ impl Engine for MemoryEngine {
         if let Some(src) = &stream.source {
             let mut sst = src.state.lock();
             if sst.removed || sst.soft_deleted {
-                return Err(if sst.soft_deleted { StorageError::ForkSourceGone } else { StorageError::ForkSourceNotFound });
+                return Err(if sst.soft_deleted {
+                    StorageError::ForkSourceGone
+                } else {
+                    StorageError::ForkSourceNotFound
+                });
             }
             sst.fork_refs += 1;
         }
@@ -452,11 +522,17 @@ impl Engine for MemoryEngine {
             Decision::Apply => {}
             Decision::Duplicate { epoch, seq } => {
                 self.touch(&s, &mut st);
-                return Ok(AppendOutcome::Duplicate { meta: s.meta_locked(&st), epoch, seq });
+                return Ok(AppendOutcome::Duplicate {
+                    meta: s.meta_locked(&st),
+                    epoch,
+                    seq,
+                });
             }
             Decision::AlreadyClosed => {
                 self.touch(&s, &mut st);
-                return Ok(AppendOutcome::AlreadyClosed { meta: s.meta_locked(&st) });
+                return Ok(AppendOutcome::AlreadyClosed {
+                    meta: s.meta_locked(&st),
+                });
             }
         }
         // Commit: data, producer state, Stream-Seq and closure together.
@@ -470,7 +546,10 @@ impl Engine for MemoryEngine {
         }
         self.touch(&s, &mut st);
         s.publish(&st);
-        Ok(AppendOutcome::Applied { meta: s.meta_locked(&st), producer: accepted })
+        Ok(AppendOutcome::Applied {
+            meta: s.meta_locked(&st),
+            producer: accepted,
+        })
     }
 
     async fn head(&self, path: &str) -> Result<StreamMeta, StorageError> {
@@ -479,7 +558,12 @@ impl Engine for MemoryEngine {
         Ok(s.meta_locked(&st))
     }
 
-    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> Result<ReadChunk, StorageError> {
+    async fn read(
+        &self,
+        path: &str,
+        from: ReadFrom,
+        max_bytes: usize,
+    ) -> Result<ReadChunk, StorageError> {
         let s = self.live(path)?;
         let tail = {
             let mut st = s.state.lock();
@@ -493,7 +577,10 @@ impl Engine for MemoryEngine {
             ReadFrom::At(o) => o.0,
         };
         let mut data = Vec::new();
-        let mut budget = Budget { bytes: max_bytes.max(1), records: usize::MAX };
+        let mut budget = Budget {
+            bytes: max_bytes.max(1),
+            records: usize::MAX,
+        };
         let next = collect(&s, start, tail, &mut budget, &mut data)?;
         let meta = {
             let st = s.state.lock();
@@ -506,7 +593,12 @@ impl Engine for MemoryEngine {
             }
             m
         };
-        Ok(ReadChunk { meta, start: Offset(start), next: Offset(next), data })
+        Ok(ReadChunk {
+            meta,
+            start: Offset(start),
+            next: Offset(next),
+            data,
+        })
     }
 
     async fn delete(&self, path: &str) -> Result<(), StorageError> {
@@ -521,7 +613,11 @@ impl Engine for MemoryEngine {
     }
 
     fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
-        vec![("ds_streams", "Addressable streams", self.streams.read().len() as u64)]
+        vec![(
+            "ds_streams",
+            "Addressable streams",
+            self.streams.read().len() as u64,
+        )]
     }
 
     async fn list_paths(&self) -> Vec<String> {

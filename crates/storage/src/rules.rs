@@ -31,7 +31,12 @@ pub enum Decision {
 impl WriterState {
     /// Decides an append against this state, in the spec's precedence:
     /// closed, content type, producer, `Stream-Seq` (scoped per stream).
-    pub fn decide(&self, content_type: &str, tail: u64, req: &AppendRequest) -> Result<Decision, StorageError> {
+    pub fn decide(
+        &self,
+        content_type: &str,
+        tail: u64,
+        req: &AppendRequest,
+    ) -> Result<Decision, StorageError> {
         if self.closed {
             if let (Some(p), Some((id, e, q))) = (&req.producer, &self.closed_by) {
                 if &p.id == id && p.epoch == *e && p.seq == *q {
@@ -43,16 +48,27 @@ impl WriterState {
             }
             return Err(StorageError::Closed { tail: Offset(tail) });
         }
-        if !req.records.is_empty() && media_type(req.content_type.as_deref().unwrap_or("")) != media_type(content_type) {
+        if !req.records.is_empty()
+            && media_type(req.content_type.as_deref().unwrap_or("")) != media_type(content_type)
+        {
             return Err(StorageError::ContentTypeMismatch);
         }
         if let Some(p) = &req.producer {
-            if let ProducerCheck::Duplicate { epoch, last_seq } = check_producer(self.producers.get(&p.id).copied(), p.epoch, p.seq)? {
-                return Ok(Decision::Duplicate { epoch, seq: last_seq });
+            if let ProducerCheck::Duplicate { epoch, last_seq } =
+                check_producer(self.producers.get(&p.id).copied(), p.epoch, p.seq)?
+            {
+                return Ok(Decision::Duplicate {
+                    epoch,
+                    seq: last_seq,
+                });
             }
         }
         if let Some(seq) = &req.stream_seq {
-            if self.last_stream_seq.as_ref().is_some_and(|last| seq.as_bytes() <= last.as_bytes()) {
+            if self
+                .last_stream_seq
+                .as_ref()
+                .is_some_and(|last| seq.as_bytes() <= last.as_bytes())
+            {
                 return Err(StorageError::SeqRegression);
             }
         }
@@ -64,7 +80,13 @@ impl WriterState {
     pub fn apply(&mut self, req: &AppendRequest) -> Option<(u64, u64)> {
         let mut accepted = None;
         if let Some(p) = &req.producer {
-            self.producers.insert(p.id.clone(), ProducerState { epoch: p.epoch, last_seq: p.seq });
+            self.producers.insert(
+                p.id.clone(),
+                ProducerState {
+                    epoch: p.epoch,
+                    last_seq: p.seq,
+                },
+            );
             if req.close {
                 self.closed_by = Some((p.id.clone(), p.epoch, p.seq));
             }
@@ -81,7 +103,13 @@ impl WriterState {
 /// Idempotent re-creation: does `req` describe the existing stream?
 /// (Content type case-insensitively, the requested expiry, closure status,
 /// and for forks the same source, offset and sub-offset.)
-pub fn same_config(content_type: &str, requested_expiry: &Expiry, fork: &Option<ForkSpec>, closed: bool, req: &CreateRequest) -> bool {
+pub fn same_config(
+    content_type: &str,
+    requested_expiry: &Expiry,
+    fork: &Option<ForkSpec>,
+    closed: bool,
+    req: &CreateRequest,
+) -> bool {
     let ct_matches = match &req.content_type {
         Some(ct) => media_type(ct) == media_type(content_type),
         None => fork.is_some() || media_type(content_type) == "application/octet-stream",

@@ -65,7 +65,11 @@ pub enum AppendOutcome {
         producer: Option<(u64, u64)>,
     },
     /// An idempotent producer retried something already committed.
-    Duplicate { meta: StreamMeta, epoch: u64, seq: u64 },
+    Duplicate {
+        meta: StreamMeta,
+        epoch: u64,
+        seq: u64,
+    },
     /// Close-only request on an already closed stream.
     AlreadyClosed { meta: StreamMeta },
 }

@@ -17,13 +17,37 @@ const PRODUCERS: usize = 2;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { s: usize, closed: bool, initial: Vec<u8>, ttl: bool },
-    Append { s: usize, data: Vec<u8>, close: bool, producer: Option<(usize, u64, u64)>, seq: Option<u8> },
-    Fork { src: usize, dst: usize, at: Option<u8>, sub: u8 },
-    Delete { s: usize },
-    Read { s: usize, from: u8, max: usize },
+    Create {
+        s: usize,
+        closed: bool,
+        initial: Vec<u8>,
+        ttl: bool,
+    },
+    Append {
+        s: usize,
+        data: Vec<u8>,
+        close: bool,
+        producer: Option<(usize, u64, u64)>,
+        seq: Option<u8>,
+    },
+    Fork {
+        src: usize,
+        dst: usize,
+        at: Option<u8>,
+        sub: u8,
+    },
+    Delete {
+        s: usize,
+    },
+    Read {
+        s: usize,
+        from: u8,
+        max: usize,
+    },
     /// Restart the engine (clean, or after a simulated power cut).
-    Restart { crash: bool },
+    Restart {
+        crash: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -111,7 +135,10 @@ async fn read_all(e: &dyn Engine, p: &str) -> Result<Vec<u8>, StorageError> {
         if c.up_to_date() {
             return Ok(out);
         }
-        assert!(!c.is_empty(), "a read that is not up to date must make progress");
+        assert!(
+            !c.is_empty(),
+            "a read that is not up to date must make progress"
+        );
         from = ReadFrom::At(c.next);
     }
 }
@@ -137,8 +164,12 @@ struct File {
 }
 impl File {
     fn open(vfs: Arc<file::sim::SimVfs>) -> Self {
-        let opts = FileOptions { max_open_files: 3, ..FileOptions::default() };
-        let engine = FileEngine::open_with("/db", opts, vfs.clone(), Arc::new(SystemClock)).expect("open");
+        let opts = FileOptions {
+            max_open_files: 3,
+            ..FileOptions::default()
+        };
+        let engine =
+            FileEngine::open_with("/db", opts, vfs.clone(), Arc::new(SystemClock)).expect("open");
         File { vfs, engine }
     }
 }
@@ -147,7 +178,11 @@ impl Harness for File {
         Arc::new(self.engine.clone())
     }
     fn restart(&mut self, crash: bool) {
-        let next = if crash { Arc::new(self.vfs.crash(|_, _| 0)) } else { self.vfs.clone() };
+        let next = if crash {
+            Arc::new(self.vfs.crash(|_, _| 0))
+        } else {
+            self.vfs.clone()
+        };
         self.engine.close();
         *self = File::open(next);
     }
@@ -159,10 +194,19 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
         let engine = h.engine();
         match op {
             Op::Restart { crash } => h.restart(crash),
-            Op::Create { s, closed, initial, ttl } => {
+            Op::Create {
+                s,
+                closed,
+                initial,
+                ttl,
+            } => {
                 let req = CreateRequest {
                     content_type: Some("application/octet-stream".into()),
-                    expiry: if ttl { Expiry::TtlSecs(3600) } else { Expiry::Never },
+                    expiry: if ttl {
+                        Expiry::TtlSecs(3600)
+                    } else {
+                        Expiry::Never
+                    },
                     closed,
                     json: false,
                     records: vec![Bytes::from(initial.clone())],
@@ -172,30 +216,60 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                 let want = match m.paths.get(&s).copied() {
                     Some(id) => {
                         let st = &m.streams[id];
-                        if !st.soft_deleted && st.fork.is_none() && st.closed == closed && st.ttl == ttl {
+                        if !st.soft_deleted
+                            && st.fork.is_none()
+                            && st.closed == closed
+                            && st.ttl == ttl
+                        {
                             Ok(false)
                         } else {
                             Err(StorageError::ConfigMismatch)
                         }
                     }
                     None => {
-                        m.streams.push(MStream { data: initial, closed, closed_by: None, producers: HashMap::new(), last_seq: None, ttl, fork: None, source: None, forks: 0, soft_deleted: false });
+                        m.streams.push(MStream {
+                            data: initial,
+                            closed,
+                            closed_by: None,
+                            producers: HashMap::new(),
+                            last_seq: None,
+                            ttl,
+                            fork: None,
+                            source: None,
+                            forks: 0,
+                            soft_deleted: false,
+                        });
                         m.paths.insert(s, m.streams.len() - 1);
                         Ok(true)
                     }
                 };
                 match (got, want) {
-                    (Ok(CreateOutcome::Created(_)), Ok(true)) | (Ok(CreateOutcome::Existed(_)), Ok(false)) => {}
+                    (Ok(CreateOutcome::Created(_)), Ok(true))
+                    | (Ok(CreateOutcome::Existed(_)), Ok(false)) => {}
                     (Err(g), Err(w)) => assert_eq!(g, w),
                     (g, w) => panic!("create {s}: engine {g:?}, model {w:?}"),
                 }
             }
-            Op::Append { s, data, close, producer, seq } => {
+            Op::Append {
+                s,
+                data,
+                close,
+                producer,
+                seq,
+            } => {
                 let req = AppendRequest {
                     content_type: Some("application/octet-stream".into()),
-                    records: if data.is_empty() { vec![] } else { vec![Bytes::from(data.clone())] },
+                    records: if data.is_empty() {
+                        vec![]
+                    } else {
+                        vec![Bytes::from(data.clone())]
+                    },
                     close: close || data.is_empty(),
-                    producer: producer.map(|(id, epoch, seq)| ProducerHeaders { id: format!("p{id}"), epoch, seq }),
+                    producer: producer.map(|(id, epoch, seq)| ProducerHeaders {
+                        id: format!("p{id}"),
+                        epoch,
+                        seq,
+                    }),
                     stream_seq: seq.map(|q| format!("{q}")),
                 };
                 let close = req.close;
@@ -210,17 +284,33 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                         if data.is_empty() && close {
                             return Ok("already-closed");
                         }
-                        return Err(StorageError::Closed { tail: Offset(st.data.len() as u64) });
+                        return Err(StorageError::Closed {
+                            tail: Offset(st.data.len() as u64),
+                        });
                     }
                     if let Some((pid, epoch, pseq)) = producer {
                         match st.producers.get(&pid).copied() {
-                            None if pseq != 0 => return Err(StorageError::SeqGap { expected: 0, received: pseq }),
+                            None if pseq != 0 => {
+                                return Err(StorageError::SeqGap {
+                                    expected: 0,
+                                    received: pseq,
+                                })
+                            }
                             None => {}
-                            Some((e, _)) if epoch < e => return Err(StorageError::StaleEpoch { current: e }),
-                            Some((e, _)) if epoch > e && pseq != 0 => return Err(StorageError::EpochSeqNotZero),
+                            Some((e, _)) if epoch < e => {
+                                return Err(StorageError::StaleEpoch { current: e })
+                            }
+                            Some((e, _)) if epoch > e && pseq != 0 => {
+                                return Err(StorageError::EpochSeqNotZero)
+                            }
                             Some((e, _)) if epoch > e => {}
                             Some((_, last)) if pseq <= last => return Ok("dup"),
-                            Some((_, last)) if pseq != last + 1 => return Err(StorageError::SeqGap { expected: last + 1, received: pseq }),
+                            Some((_, last)) if pseq != last + 1 => {
+                                return Err(StorageError::SeqGap {
+                                    expected: last + 1,
+                                    received: pseq,
+                                })
+                            }
                             Some(_) => {}
                         }
                     }
@@ -260,7 +350,9 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                     let mut spec = spec;
                     let sid = match m.live(src) {
                         Ok(id) => id,
-                        Err(StorageError::NotFound) => return (Err(StorageError::ForkSourceNotFound), spec),
+                        Err(StorageError::NotFound) => {
+                            return (Err(StorageError::ForkSourceNotFound), spec)
+                        }
                         Err(_) => return (Err(StorageError::ForkSourceGone), spec),
                     };
                     let len = m.streams[sid].data.len();
@@ -268,14 +360,38 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                     spec.offset = at.map(|_| Offset(anchor));
                     (Ok((sid, anchor + sub as u64, len)), spec)
                 })();
-                let got = engine.create(&path(dst), CreateRequest { content_type: None, fork: Some(spec), ..Default::default() }).await;
+                let got = engine
+                    .create(
+                        &path(dst),
+                        CreateRequest {
+                            content_type: None,
+                            fork: Some(spec),
+                            ..Default::default()
+                        },
+                    )
+                    .await;
                 // Existing target: the model only checks the outcome class.
                 if let Some(id) = m.paths.get(&dst).copied() {
                     let st = &m.streams[id];
-                    let same = !st.soft_deleted && st.fork == Some((src, at.map(|a| pos(m.streams[m.paths.get(&src).copied().unwrap_or(id)].data.len(), a) as u8), sub));
+                    let same = !st.soft_deleted
+                        && st.fork
+                            == Some((
+                                src,
+                                at.map(|a| {
+                                    pos(
+                                        m.streams[m.paths.get(&src).copied().unwrap_or(id)]
+                                            .data
+                                            .len(),
+                                        a,
+                                    ) as u8
+                                }),
+                                sub,
+                            ));
                     match got {
                         Ok(CreateOutcome::Existed(_)) | Err(StorageError::ConfigMismatch) => {}
-                        Ok(CreateOutcome::Created(_)) => panic!("fork over an existing path created a stream"),
+                        Ok(CreateOutcome::Created(_)) => {
+                            panic!("fork over an existing path created a stream")
+                        }
                         Err(_) if !same => {}
                         Err(e) => panic!("fork {src}->{dst}: {e:?}"),
                     }
@@ -288,10 +404,23 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                         let data = m.streams[sid].data[..point as usize].to_vec();
                         let ttl = m.streams[sid].ttl;
                         m.streams[sid].forks += 1;
-                        m.streams.push(MStream { data, closed: false, closed_by: None, producers: HashMap::new(), last_seq: None, ttl, fork: Some((src, None, sub)), source: Some(sid), forks: 0, soft_deleted: false });
+                        m.streams.push(MStream {
+                            data,
+                            closed: false,
+                            closed_by: None,
+                            producers: HashMap::new(),
+                            last_seq: None,
+                            ttl,
+                            fork: Some((src, None, sub)),
+                            source: Some(sid),
+                            forks: 0,
+                            soft_deleted: false,
+                        });
                         m.paths.insert(dst, m.streams.len() - 1);
                     }
-                    (Err(StorageError::ForkSubOffsetOvershoot), Ok((_, point, len))) => assert!(point > len as u64),
+                    (Err(StorageError::ForkSubOffsetOvershoot), Ok((_, point, len))) => {
+                        assert!(point > len as u64)
+                    }
                     (Err(g), Err(w)) => assert_eq!(g, w),
                     (g, w) => panic!("fork {src}->{dst}: engine {g:?}, model {w:?}"),
                 }
@@ -315,13 +444,22 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                 }
                 if let Ok(w) = want {
                     let at = pos(w.len(), from);
-                    let c = engine.read(&path(s), ReadFrom::At(Offset(at)), max).await.expect("read at a valid offset");
+                    let c = engine
+                        .read(&path(s), ReadFrom::At(Offset(at)), max)
+                        .await
+                        .expect("read at a valid offset");
                     let got: Vec<u8> = c.data.iter().flat_map(|d| d.iter().copied()).collect();
                     let end = (at as usize + max).min(w.len());
-                    assert_eq!(got, w[at as usize..end].to_vec(), "read {s} at {at} max {max}");
+                    assert_eq!(
+                        got,
+                        w[at as usize..end].to_vec(),
+                        "read {s} at {at} max {max}"
+                    );
                     assert_eq!(c.next, Offset(end as u64));
                     assert_eq!(c.up_to_date(), end == w.len());
-                    let beyond = engine.read(&path(s), ReadFrom::At(Offset(w.len() as u64 + 1)), max).await;
+                    let beyond = engine
+                        .read(&path(s), ReadFrom::At(Offset(w.len() as u64 + 1)), max)
+                        .await;
                     assert_eq!(beyond.err(), Some(StorageError::OffsetBeyondTail));
                 }
             }

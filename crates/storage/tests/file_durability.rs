@@ -12,15 +12,31 @@ use std::sync::Arc;
 const CT: &str = "text/plain";
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn open(vfs: Arc<SimVfs>) -> FileEngine {
-    FileEngine::open_with("/db", FileOptions { max_open_files: 4, ..FileOptions::default() }, vfs, Arc::new(SystemClock)).expect("recovery")
+    FileEngine::open_with(
+        "/db",
+        FileOptions {
+            max_open_files: 4,
+            ..FileOptions::default()
+        },
+        vfs,
+        Arc::new(SystemClock),
+    )
+    .expect("recovery")
 }
 
 fn create_req() -> CreateRequest {
-    CreateRequest { content_type: Some(CT.into()), ..Default::default() }
+    CreateRequest {
+        content_type: Some(CT.into()),
+        ..Default::default()
+    }
 }
 
 fn append_req(body: String, producer: Option<(&str, u64)>, close: bool) -> AppendRequest {
@@ -28,7 +44,11 @@ fn append_req(body: String, producer: Option<(&str, u64)>, close: bool) -> Appen
         content_type: Some(CT.into()),
         records: vec![Bytes::from(body)],
         close,
-        producer: producer.map(|(id, seq)| ProducerHeaders { id: id.into(), epoch: 0, seq }),
+        producer: producer.map(|(id, seq)| ProducerHeaders {
+            id: id.into(),
+            epoch: 0,
+            seq,
+        }),
         stream_seq: None,
     }
 }
@@ -50,11 +70,19 @@ async fn read_all(e: &dyn Engine, path: &str) -> Result<(String, bool), StorageE
 
 /// Splits `p0:0003;p1:0000;` into records, failing on any torn fragment.
 fn records(s: &str) -> Vec<String> {
-    assert!(s.is_empty() || s.ends_with(';'), "torn bytes at the end: {s:?}");
-    s.split_terminator(';').map(|r| {
-        assert!(r.len() == 7 && r.as_bytes()[2] == b':', "malformed record {r:?} in {s:?}");
-        r.to_owned()
-    }).collect()
+    assert!(
+        s.is_empty() || s.ends_with(';'),
+        "torn bytes at the end: {s:?}"
+    );
+    s.split_terminator(';')
+        .map(|r| {
+            assert!(
+                r.len() == 7 && r.as_bytes()[2] == b':',
+                "malformed record {r:?} in {s:?}"
+            );
+            r.to_owned()
+        })
+        .collect()
 }
 
 /// What the workload saw acknowledged.
@@ -75,7 +103,11 @@ const SEQS: u64 = 6;
 /// outcome is recorded. Stops quietly once the store fails.
 async fn workload(e: FileEngine) -> Acked {
     let mut acked = Acked::default();
-    for p in ["plain", "final"].into_iter().map(String::from).chain((0..PRODUCERS).map(|i| format!("prod-{i}"))) {
+    for p in ["plain", "final"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..PRODUCERS).map(|i| format!("prod-{i}")))
+    {
         if e.create(&p, create_req()).await.is_err() {
             return acked;
         }
@@ -86,7 +118,16 @@ async fn workload(e: FileEngine) -> Acked {
         tasks.push(tokio::spawn(async move {
             let mut ok = Vec::new();
             for seq in 0..SEQS {
-                let r = e.append(&format!("prod-{i}"), append_req(format!("p{i}:{seq:04};"), Some((&format!("w{i}"), seq)), false)).await;
+                let r = e
+                    .append(
+                        &format!("prod-{i}"),
+                        append_req(
+                            format!("p{i}:{seq:04};"),
+                            Some((&format!("w{i}"), seq)),
+                            false,
+                        ),
+                    )
+                    .await;
                 match r {
                     Ok(_) => ok.push(seq),
                     Err(_) => break,
@@ -102,7 +143,10 @@ async fn workload(e: FileEngine) -> Acked {
             for k in 0..SEQS {
                 let body = format!("xx:{k:04};");
                 attempted.push(body.clone());
-                match e.append("plain", append_req(body.clone(), None, false)).await {
+                match e
+                    .append("plain", append_req(body.clone(), None, false))
+                    .await
+                {
                     Ok(_) => acked.push(body),
                     Err(_) => break,
                 }
@@ -110,7 +154,13 @@ async fn workload(e: FileEngine) -> Acked {
             (acked, attempted)
         })
     };
-    let closed = e.append("final", append_req("zz:0000;".into(), Some(("closer", 0)), true)).await.is_ok();
+    let closed = e
+        .append(
+            "final",
+            append_req("zz:0000;".into(), Some(("closer", 0)), true),
+        )
+        .await
+        .is_ok();
     for t in tasks {
         let (i, ok) = t.await.unwrap();
         acked.producers.insert(i, ok);
@@ -138,17 +188,35 @@ async fn verify(e: &FileEngine, acked: &Acked) {
         };
         // In order, no duplicates, and every acknowledged seq present.
         let seqs: Vec<u64> = got.iter().map(|r| r[3..].parse().unwrap()).collect();
-        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "{path}: {got:?}");
+        assert_eq!(
+            seqs,
+            (0..seqs.len() as u64).collect::<Vec<_>>(),
+            "{path}: {got:?}"
+        );
         for s in acked.producers.get(&i).into_iter().flatten() {
             assert!(seqs.contains(s), "{path}: acknowledged seq {s} lost");
         }
         // Re-send everything from the first unacknowledged seq.
         let first_unacked = acked.producers.get(&i).map(|v| v.len() as u64).unwrap_or(0);
         for seq in first_unacked..SEQS {
-            let r = e.append(&path, append_req(format!("p{i}:{seq:04};"), Some((&format!("w{i}"), seq)), false)).await;
+            let r = e
+                .append(
+                    &path,
+                    append_req(
+                        format!("p{i}:{seq:04};"),
+                        Some((&format!("w{i}"), seq)),
+                        false,
+                    ),
+                )
+                .await;
             match r {
-                Ok(AppendOutcome::Applied { .. }) => assert!(seq >= seqs.len() as u64, "{path}: seq {seq} applied twice"),
-                Ok(AppendOutcome::Duplicate { .. }) => assert!(seq < seqs.len() as u64, "{path}: seq {seq} was not applied but called duplicate"),
+                Ok(AppendOutcome::Applied { .. }) => {
+                    assert!(seq >= seqs.len() as u64, "{path}: seq {seq} applied twice")
+                }
+                Ok(AppendOutcome::Duplicate { .. }) => assert!(
+                    seq < seqs.len() as u64,
+                    "{path}: seq {seq} was not applied but called duplicate"
+                ),
                 other => panic!("{path}: re-send of seq {seq}: {other:?}"),
             }
         }
@@ -159,10 +227,17 @@ async fn verify(e: &FileEngine, acked: &Acked) {
     if let Ok((s, _)) = read_all(e, "plain").await {
         let got = records(&s);
         for a in &acked.plain_acked {
-            assert_eq!(got.iter().filter(|r| format!("{r};") == *a).count(), 1, "acknowledged plain append {a} not present exactly once");
+            assert_eq!(
+                got.iter().filter(|r| format!("{r};") == *a).count(),
+                1,
+                "acknowledged plain append {a} not present exactly once"
+            );
         }
         for r in &got {
-            assert!(acked.plain_attempted.contains(&format!("{r};")), "plain record {r} never sent");
+            assert!(
+                acked.plain_attempted.contains(&format!("{r};")),
+                "plain record {r} never sent"
+            );
             assert_eq!(got.iter().filter(|x| *x == r).count(), 1);
         }
     }
@@ -170,15 +245,24 @@ async fn verify(e: &FileEngine, acked: &Acked) {
         let (s, closed) = read_all(e, "final").await.unwrap();
         assert_eq!(s, "zz:0000;");
         assert!(closed, "acknowledged close was lost");
-        let again = e.append("final", append_req("zz:0001;".into(), None, false)).await;
-        assert!(matches!(again, Err(StorageError::Closed { .. })), "closed stream accepted data: {again:?}");
+        let again = e
+            .append("final", append_req("zz:0001;".into(), None, false))
+            .await;
+        assert!(
+            matches!(again, Err(StorageError::Closed { .. })),
+            "closed stream accepted data: {again:?}"
+        );
     }
 }
 
 /// Snapshot of every stream's content, to compare recoveries.
 async fn snapshot(e: &FileEngine) -> Vec<(String, Result<(String, bool), StorageError>)> {
     let mut out = Vec::new();
-    for p in ["plain", "final"].into_iter().map(String::from).chain((0..PRODUCERS).map(|i| format!("prod-{i}"))) {
+    for p in ["plain", "final"]
+        .into_iter()
+        .map(String::from)
+        .chain((0..PRODUCERS).map(|i| format!("prod-{i}")))
+    {
         out.push((p.clone(), read_all(e, &p).await));
     }
     out
@@ -206,10 +290,19 @@ fn power_cut_at_every_sync_boundary() {
         for torn in [false, true] {
             let vfs = Arc::new(SimVfs::new());
             let e = open(vfs.clone());
-            vfs.set_faults(Faults { fail_sync_at: Some(vfs.syncs() + k), disk_bytes: None });
+            vfs.set_faults(Faults {
+                fail_sync_at: Some(vfs.syncs() + k),
+                disk_bytes: None,
+            });
             let acked = rt.block_on(workload(e.clone()));
             // Power cut: unsynced data is gone (or partly there: torn).
-            let disk = vfs.crash(|ino, n| if torn { ((ino as usize * 7919) % (n + 1)).min(n) } else { 0 });
+            let disk = vfs.crash(|ino, n| {
+                if torn {
+                    ((ino as usize * 7919) % (n + 1)).min(n)
+                } else {
+                    0
+                }
+            });
             e.close();
             let disk = Arc::new(disk);
             let twin = Arc::new(disk.crash(|_, _| 0));
@@ -217,7 +310,11 @@ fn power_cut_at_every_sync_boundary() {
             let first = rt.block_on(snapshot(&e));
             // Recovering a copy of the same disk gives the same state.
             let e2 = open(twin);
-            assert_eq!(format!("{:?}", rt.block_on(snapshot(&e2))), format!("{first:?}"), "k={k} torn={torn}: recoveries differ");
+            assert_eq!(
+                format!("{:?}", rt.block_on(snapshot(&e2))),
+                format!("{first:?}"),
+                "k={k} torn={torn}: recoveries differ"
+            );
             e2.close();
             rt.block_on(verify(&e, &acked));
             e.close();
@@ -240,12 +337,24 @@ fn failed_fsync_is_fail_stop() {
     let e = open(vfs.clone());
     rt.block_on(async {
         e.create("s", create_req()).await.unwrap();
-        e.append("s", append_req("ok:0000;".into(), None, false)).await.unwrap();
-        vfs.set_faults(Faults { fail_sync_at: Some(vfs.syncs() + 1), disk_bytes: None });
-        assert!(matches!(e.append("s", append_req("no:0001;".into(), None, false)).await, Err(StorageError::Io(_))));
+        e.append("s", append_req("ok:0000;".into(), None, false))
+            .await
+            .unwrap();
+        vfs.set_faults(Faults {
+            fail_sync_at: Some(vfs.syncs() + 1),
+            disk_bytes: None,
+        });
+        assert!(matches!(
+            e.append("s", append_req("no:0001;".into(), None, false))
+                .await,
+            Err(StorageError::Io(_))
+        ));
         vfs.set_faults(Faults::default());
         // Even with a healthy disk again, no retry in place: still refused.
-        assert!(e.append("s", append_req("no:0002;".into(), None, false)).await.is_err());
+        assert!(e
+            .append("s", append_req("no:0002;".into(), None, false))
+            .await
+            .is_err());
         assert!(e.create("t", create_req()).await.is_err());
         assert_eq!(read_all(&e, "s").await.unwrap().0, "ok:0000;");
     });
@@ -254,7 +363,9 @@ fn failed_fsync_is_fail_stop() {
     let e = open(disk);
     rt.block_on(async {
         assert_eq!(read_all(&e, "s").await.unwrap().0, "ok:0000;");
-        e.append("s", append_req("ok:0001;".into(), None, false)).await.unwrap();
+        e.append("s", append_req("ok:0001;".into(), None, false))
+            .await
+            .unwrap();
     });
     e.close();
 }
@@ -268,10 +379,18 @@ fn full_disk_is_refused_cleanly() {
     let e = open(vfs.clone());
     rt.block_on(async {
         e.create("s", create_req()).await.unwrap();
-        e.append("s", append_req("ok:0000;".into(), None, false)).await.unwrap();
-        vfs.set_faults(Faults { fail_sync_at: None, disk_bytes: Some(vfs.used_bytes() + 10) });
+        e.append("s", append_req("ok:0000;".into(), None, false))
+            .await
+            .unwrap();
+        vfs.set_faults(Faults {
+            fail_sync_at: None,
+            disk_bytes: Some(vfs.used_bytes() + 10),
+        });
         let big = "x".repeat(100);
-        assert_eq!(e.append("s", append_req(big, None, false)).await.err(), Some(StorageError::StorageFull));
+        assert_eq!(
+            e.append("s", append_req(big, None, false)).await.err(),
+            Some(StorageError::StorageFull)
+        );
         assert_eq!(read_all(&e, "s").await.unwrap().0, "ok:0000;");
     });
     let disk = Arc::new(vfs.crash(|_, _| 0));
@@ -284,7 +403,14 @@ fn full_disk_is_refused_cleanly() {
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("ds-test-{name}-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let d = std::env::temp_dir().join(format!(
+        "ds-test-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     std::fs::create_dir_all(&d).unwrap();
     d
 }
@@ -295,7 +421,11 @@ fn dir_bytes(d: &std::path::Path) -> u64 {
     for e in std::fs::read_dir(d).unwrap() {
         let e = e.unwrap();
         let m = e.metadata().unwrap();
-        n += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
+        n += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
     }
     n
 }
@@ -307,7 +437,11 @@ fn dir_allocated(d: &std::path::Path) -> u64 {
     for e in std::fs::read_dir(d).unwrap() {
         let e = e.unwrap();
         let m = e.metadata().unwrap();
-        n += if m.is_dir() { dir_allocated(&e.path()) } else { m.blocks() * 512 };
+        n += if m.is_dir() {
+            dir_allocated(&e.path())
+        } else {
+            m.blocks() * 512
+        };
     }
     n
 }
@@ -323,22 +457,40 @@ fn concurrent_appends_share_syncs() {
         for i in 0..64 {
             e.create(&format!("s{i}"), create_req()).await.unwrap();
         }
-        let before = e.stats().wal_syncs.load(std::sync::atomic::Ordering::Relaxed);
+        let before = e
+            .stats()
+            .wal_syncs
+            .load(std::sync::atomic::Ordering::Relaxed);
         let mut tasks = Vec::new();
         for i in 0..64 {
             let e = e.clone();
             tasks.push(tokio::spawn(async move {
                 for k in 0..20 {
-                    e.append(&format!("s{i}"), append_req(format!("{k:07};"), None, false)).await.unwrap();
+                    e.append(
+                        &format!("s{i}"),
+                        append_req(format!("{k:07};"), None, false),
+                    )
+                    .await
+                    .unwrap();
                 }
             }));
         }
         for t in tasks {
             t.await.unwrap();
         }
-        let syncs = e.stats().wal_syncs.load(std::sync::atomic::Ordering::Relaxed) - before;
-        eprintln!("group commit: 1280 appends, {syncs} WAL syncs ({:.1} appends per sync)", 1280.0 / syncs as f64);
-        assert!(syncs * 4 <= 1280, "{syncs} syncs for 1280 concurrent appends: no group commit");
+        let syncs = e
+            .stats()
+            .wal_syncs
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - before;
+        eprintln!(
+            "group commit: 1280 appends, {syncs} WAL syncs ({:.1} appends per sync)",
+            1280.0 / syncs as f64
+        );
+        assert!(
+            syncs * 4 <= 1280,
+            "{syncs} syncs for 1280 concurrent appends: no group commit"
+        );
         1280
     });
     assert_eq!(appends, 1280);
@@ -352,7 +504,14 @@ fn concurrent_appends_share_syncs() {
 fn open_files_stay_bounded() {
     let rt = rt();
     let dir = temp_dir("fds");
-    let e = FileEngine::open(&dir, FileOptions { max_open_files: 8, ..FileOptions::default() }).unwrap();
+    let e = FileEngine::open(
+        &dir,
+        FileOptions {
+            max_open_files: 8,
+            ..FileOptions::default()
+        },
+    )
+    .unwrap();
     rt.block_on(async {
         let mut tasks = Vec::new();
         for t in 0..16 {
@@ -360,7 +519,15 @@ fn open_files_stay_bounded() {
             tasks.push(tokio::spawn(async move {
                 for i in (t..3000).step_by(16) {
                     let p = format!("s{i}");
-                    e.create(&p, CreateRequest { records: vec![Bytes::from(format!("{i:07};"))], ..create_req() }).await.unwrap();
+                    e.create(
+                        &p,
+                        CreateRequest {
+                            records: vec![Bytes::from(format!("{i:07};"))],
+                            ..create_req()
+                        },
+                    )
+                    .await
+                    .unwrap();
                     assert!(e.open_files() <= 8);
                 }
             }));
@@ -369,7 +536,10 @@ fn open_files_stay_bounded() {
             t.await.unwrap();
         }
         for i in 0..3000 {
-            assert_eq!(read_all(&e, &format!("s{i}")).await.unwrap().0, format!("{i:07};"));
+            assert_eq!(
+                read_all(&e, &format!("s{i}")).await.unwrap().0,
+                format!("{i:07};")
+            );
             assert!(e.open_files() <= 8, "{} files open", e.open_files());
         }
     });
@@ -392,7 +562,15 @@ fn hundred_thousand_streams_survive_restart() {
             let e = e.clone();
             tasks.push(tokio::spawn(async move {
                 for i in (t..N).step_by(256) {
-                    e.create(&format!("tenant/{}/s{i}", i % 100), CreateRequest { records: vec![Bytes::from(format!("{i:07};"))], ..create_req() }).await.unwrap();
+                    e.create(
+                        &format!("tenant/{}/s{i}", i % 100),
+                        CreateRequest {
+                            records: vec![Bytes::from(format!("{i:07};"))],
+                            ..create_req()
+                        },
+                    )
+                    .await
+                    .unwrap();
                 }
             }));
         }
@@ -432,12 +610,35 @@ fn delete_and_expiry_free_disk_space() {
     let rt = rt();
     let dir = temp_dir("space");
     let clock = Arc::new(ManualClock::new(1_700_000_000_000));
-    let e = FileEngine::open_with(&dir, FileOptions::default(), Arc::new(file::vfs::StdVfs::default()), clock.clone()).unwrap();
+    let e = FileEngine::open_with(
+        &dir,
+        FileOptions::default(),
+        Arc::new(file::vfs::StdVfs::default()),
+        clock.clone(),
+    )
+    .unwrap();
     rt.block_on(async {
         let empty = dir_bytes(&dir);
         let mb = Bytes::from(vec![b'x'; 1 << 20]);
-        e.create("del", CreateRequest { records: vec![mb.clone()], ..create_req() }).await.unwrap();
-        e.create("ttl", CreateRequest { records: vec![mb], expiry: Expiry::TtlSecs(10), ..create_req() }).await.unwrap();
+        e.create(
+            "del",
+            CreateRequest {
+                records: vec![mb.clone()],
+                ..create_req()
+            },
+        )
+        .await
+        .unwrap();
+        e.create(
+            "ttl",
+            CreateRequest {
+                records: vec![mb],
+                expiry: Expiry::TtlSecs(10),
+                ..create_req()
+            },
+        )
+        .await
+        .unwrap();
         e.checkpoint().await.unwrap();
         let full = dir_bytes(&dir);
         assert!(full >= empty + 2 * (1 << 20), "{full}");
@@ -447,8 +648,13 @@ fn delete_and_expiry_free_disk_space() {
         assert_eq!(e.head("ttl").await.err(), Some(StorageError::NotFound));
         e.checkpoint().await.unwrap();
         let after = dir_bytes(&dir);
-        eprintln!("disk: empty {empty} B, with 2 MiB of streams {full} B, after delete+expiry {after} B");
-        assert!(after < empty + 64 * 1024, "space not returned: {after} bytes (empty store: {empty})");
+        eprintln!(
+            "disk: empty {empty} B, with 2 MiB of streams {full} B, after delete+expiry {after} B"
+        );
+        assert!(
+            after < empty + 64 * 1024,
+            "space not returned: {after} bytes (empty store: {empty})"
+        );
     });
     e.close();
     std::fs::remove_dir_all(&dir).unwrap();

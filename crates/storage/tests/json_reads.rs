@@ -25,20 +25,48 @@ fn messages() -> Vec<String> {
 }
 
 async fn fill(e: &dyn Engine, msgs: &[String]) {
-    e.create("j", CreateRequest { content_type: Some("application/json".into()), json: true, ..Default::default() }).await.unwrap();
+    e.create(
+        "j",
+        CreateRequest {
+            content_type: Some("application/json".into()),
+            json: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     for batch in msgs.chunks(5) {
         let body = format!("[{}]", batch.join(","));
         let ranges = split_messages(body.as_bytes(), false).unwrap();
         let (stored, lens) = frame_messages(body.as_bytes(), &ranges);
         let stored = Bytes::from(stored);
         let mut at = 0;
-        let records = lens.iter().map(|l| { let r = stored.slice(at..at + l); at += l; r }).collect();
-        e.append("j", AppendRequest { content_type: Some("application/json".into()), records, ..Default::default() }).await.unwrap();
+        let records = lens
+            .iter()
+            .map(|l| {
+                let r = stored.slice(at..at + l);
+                at += l;
+                r
+            })
+            .collect();
+        e.append(
+            "j",
+            AppendRequest {
+                content_type: Some("application/json".into()),
+                records,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     }
 }
 
 async fn check(e: &dyn Engine, msgs: &[String]) {
-    let want: Vec<serde_json::Value> = msgs.iter().map(|m| serde_json::from_str(m).unwrap()).collect();
+    let want: Vec<serde_json::Value> = msgs
+        .iter()
+        .map(|m| serde_json::from_str(m).unwrap())
+        .collect();
     for max in [1usize, 7, 100, 4096, 20_000, 65_536, 1 << 20] {
         let mut got = Vec::new();
         let mut from = ReadFrom::Start;
@@ -47,7 +75,10 @@ async fn check(e: &dyn Engine, msgs: &[String]) {
             let stored: Vec<u8> = c.data.iter().flat_map(|d| d.iter().copied()).collect();
             let arr: Vec<serde_json::Value> = serde_json::from_slice(&stored_to_array(&stored))
                 .unwrap_or_else(|err| panic!("max {max}: chunk is not a JSON array: {err}"));
-            assert!(!arr.is_empty() || c.up_to_date(), "max {max}: empty chunk before the tail");
+            assert!(
+                !arr.is_empty() || c.up_to_date(),
+                "max {max}: empty chunk before the tail"
+            );
             got.extend(arr);
             if c.up_to_date() {
                 break;
@@ -70,9 +101,15 @@ async fn memory_engine_json_chunks() {
 /// The file engine, with its boundary index, then after a restart without it.
 #[test]
 fn file_engine_json_chunks() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let vfs = Arc::new(SimVfs::new());
-    let open = |v: Arc<SimVfs>| FileEngine::open_with("/db", FileOptions::default(), v, Arc::new(SystemClock)).unwrap();
+    let open = |v: Arc<SimVfs>| {
+        FileEngine::open_with("/db", FileOptions::default(), v, Arc::new(SystemClock)).unwrap()
+    };
     let msgs = messages();
     let e = open(vfs.clone());
     rt.block_on(async {

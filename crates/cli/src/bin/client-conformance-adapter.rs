@@ -12,15 +12,15 @@ use base64::Engine as _;
 use bytes::Bytes;
 use durable_streams_client::text::Utf8Decoder;
 use durable_streams_client::{
-    AppendOptions, Batch, Client, CreateOptions, DurableStream, Error, IdempotentProducer, LiveMode, ProducerOptions,
-    RetryPolicy, StreamOptions, DEFAULT_CONTENT_TYPE,
+    AppendOptions, Batch, Client, CreateOptions, DurableStream, Error, IdempotentProducer,
+    LiveMode, ProducerOptions, RetryPolicy, StreamOptions, DEFAULT_CONTENT_TYPE,
 };
+use futures_util::FutureExt as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap};
-use futures_util::FutureExt as _;
 use std::io::Write;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,7 +53,11 @@ struct Fail {
 
 impl Fail {
     fn new(code: &'static str, message: impl Into<String>) -> Fail {
-        Fail { code, status: None, message: message.into() }
+        Fail {
+            code,
+            status: None,
+            message: message.into(),
+        }
     }
     fn invalid(message: impl Into<String>) -> Fail {
         Fail::new("INVALID_ARGUMENT", message)
@@ -73,7 +77,9 @@ fn fail_from(e: &Error, op: Op, what: &str) -> Fail {
     let (code, status) = match e {
         Error::NotFound { .. } => ("NOT_FOUND", Some(404)),
         Error::StreamClosed { .. } => ("STREAM_CLOSED", Some(409)),
-        Error::SequenceConflict { .. } | Error::SequenceGap { .. } => ("SEQUENCE_CONFLICT", Some(409)),
+        Error::SequenceConflict { .. } | Error::SequenceGap { .. } => {
+            ("SEQUENCE_CONFLICT", Some(409))
+        }
         Error::Conflict { .. } => ("CONFLICT", Some(409)),
         Error::BadRequest { .. } if op == Op::Read => ("INVALID_OFFSET", Some(400)),
         Error::Parse(_) => ("PARSE_ERROR", None),
@@ -90,7 +96,11 @@ fn fail_from(e: &Error, op: Op, what: &str) -> Fail {
         Some(s) => format!("HTTP {s} at {what}: {e}"),
         None => format!("{what}: {e}"),
     };
-    Fail { code, status, message }
+    Fail {
+        code,
+        status,
+        message,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -220,7 +230,8 @@ struct BenchOp {
 }
 
 fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, Fail> {
-    serde_json::from_value(v.clone()).map_err(|e| Fail::new("PARSE_ERROR", format!("invalid command: {e}")))
+    serde_json::from_value(v.clone())
+        .map_err(|e| Fail::new("PARSE_ERROR", format!("invalid command: {e}")))
 }
 
 // ---------------------------------------------------------------------------
@@ -248,9 +259,11 @@ impl DynValue {
                 *n += 1;
                 n.to_string()
             }
-            DynKind::Timestamp => {
-                SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0).to_string()
-            }
+            DynKind::Timestamp => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0)
+                .to_string(),
             DynKind::Token(t) => t.clone(),
         }
     }
@@ -275,7 +288,12 @@ impl DynSnapshot {
 }
 
 fn pairs_object(pairs: &[(String, String)]) -> Value {
-    Value::Object(pairs.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+    Value::Object(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -324,8 +342,10 @@ fn retry_policy() -> RetryPolicy {
 fn header_map(pairs: &[(String, String)]) -> Result<HeaderMap, Fail> {
     let mut map = HeaderMap::new();
     for (k, v) in pairs {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| Fail::invalid(format!("invalid header name {k:?}")))?;
-        let value = HeaderValue::from_str(v).map_err(|_| Fail::invalid(format!("invalid value for header {k}")))?;
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| Fail::invalid(format!("invalid header name {k:?}")))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| Fail::invalid(format!("invalid value for header {k}")))?;
         map.insert(name, value);
     }
     Ok(map)
@@ -365,8 +385,15 @@ impl Adapter {
     /// A client for one command: the shared connection pool, the command's
     /// headers, and (for `append` and `read`) the dynamic values computed for
     /// this command. A command header wins over a dynamic one of the same name.
-    fn client(&self, headers: Option<&Headers>, dynamic: Option<&DynSnapshot>) -> Result<Client, Fail> {
-        let mut b = Client::builder().http_client(self.http.clone()).retry_policy(retry_policy()).timeout(REQUEST_TIMEOUT);
+    fn client(
+        &self,
+        headers: Option<&Headers>,
+        dynamic: Option<&DynSnapshot>,
+    ) -> Result<Client, Fail> {
+        let mut b = Client::builder()
+            .http_client(self.http.clone())
+            .retry_policy(retry_policy())
+            .timeout(REQUEST_TIMEOUT);
         let own = headers.cloned().unwrap_or_default();
         for (k, v) in &own {
             b = b.header(k, v);
@@ -384,13 +411,15 @@ impl Adapter {
                 b = b.dynamic_param(k, move || Some(v.clone()));
             }
         }
-        b.build().map_err(|e| fail_from(&e, Op::Other, "client configuration"))
+        b.build()
+            .map_err(|e| fail_from(&e, Op::Other, "client configuration"))
     }
 
     /// A handle on `path`, with its content type when known.
     fn stream(&self, client: &Client, path: &str) -> Result<DurableStream, Fail> {
         let url = self.url(path)?;
-        let s = DurableStream::with_client(client, &url).map_err(|e| fail_from(&e, Op::Other, &url))?;
+        let s =
+            DurableStream::with_client(client, &url).map_err(|e| fail_from(&e, Op::Other, &url))?;
         Ok(match self.content_types.get(path) {
             Some(ct) => s.with_content_type(ct.clone()),
             None => s,
@@ -399,8 +428,16 @@ impl Adapter {
 
     fn snapshot(&mut self) -> DynSnapshot {
         DynSnapshot {
-            headers: self.dyn_headers.iter_mut().map(|d| (d.name.clone(), d.next())).collect(),
-            params: self.dyn_params.iter_mut().map(|d| (d.name.clone(), d.next())).collect(),
+            headers: self
+                .dyn_headers
+                .iter_mut()
+                .map(|d| (d.name.clone(), d.next()))
+                .collect(),
+            params: self
+                .dyn_params
+                .iter_mut()
+                .map(|d| (d.name.clone(), d.next()))
+                .collect(),
         }
     }
 
@@ -408,11 +445,29 @@ impl Adapter {
     async fn handle_line(&mut self, line: &str) -> (Reply, Next) {
         let value: Value = match serde_json::from_str(line) {
             Ok(v) => v,
-            Err(e) => return (error_reply("unknown", &Fail::new("PARSE_ERROR", format!("invalid JSON command: {e}"))), Next::Continue),
+            Err(e) => {
+                return (
+                    error_reply(
+                        "unknown",
+                        &Fail::new("PARSE_ERROR", format!("invalid JSON command: {e}")),
+                    ),
+                    Next::Continue,
+                )
+            }
         };
-        let ty = value.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+        let ty = value
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         if ty.is_empty() {
-            return (error_reply("unknown", &Fail::new("PARSE_ERROR", "command without a \"type\"")), Next::Continue);
+            return (
+                error_reply(
+                    "unknown",
+                    &Fail::new("PARSE_ERROR", "command without a \"type\""),
+                ),
+                Next::Continue,
+            );
         }
         let result = match ty.as_str() {
             "init" => self.init(&value),
@@ -442,7 +497,10 @@ impl Adapter {
                 r.insert("success".into(), json!(true));
                 return (r, Next::Exit);
             }
-            other => Err(Fail::new("NOT_SUPPORTED", format!("unsupported command type {other:?}"))),
+            other => Err(Fail::new(
+                "NOT_SUPPORTED",
+                format!("unsupported command type {other:?}"),
+            )),
         };
         match result {
             Ok(mut r) => {
@@ -459,7 +517,8 @@ impl Adapter {
     fn init(&mut self, v: &Value) -> Result<Reply, Fail> {
         let c: InitCmd = parse(v)?;
         let base = c.server_url.trim_end_matches('/').to_string();
-        reqwest::Url::parse(&base).map_err(|e| Fail::invalid(format!("invalid serverUrl {base:?}: {e}")))?;
+        reqwest::Url::parse(&base)
+            .map_err(|e| Fail::invalid(format!("invalid serverUrl {base:?}: {e}")))?;
         self.base = Some(base);
         self.content_types.clear();
         self.dyn_headers.clear();
@@ -491,20 +550,30 @@ impl Adapter {
         let c: CreateCmd = parse(v)?;
         let client = self.client(c.headers.as_ref(), None)?;
         let url = self.url(&c.path)?;
-        let s = DurableStream::with_client(&client, &url).map_err(|e| fail_from(&e, Op::Other, &url))?;
-        let ct = c.content_type.clone().unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
-        let mut o = CreateOptions::new().content_type(ct.clone()).closed(c.closed.unwrap_or(false));
+        let s = DurableStream::with_client(&client, &url)
+            .map_err(|e| fail_from(&e, Op::Other, &url))?;
+        let ct = c
+            .content_type
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
+        let mut o = CreateOptions::new()
+            .content_type(ct.clone())
+            .closed(c.closed.unwrap_or(false));
         if let Some(ttl) = c.ttl_seconds {
             o = o.ttl_secs(ttl);
         }
         if let Some(at) = &c.expires_at {
-            let at = chrono::DateTime::parse_from_rfc3339(at).map_err(|e| Fail::invalid(format!("invalid expiresAt {at:?}: {e}")))?;
+            let at = chrono::DateTime::parse_from_rfc3339(at)
+                .map_err(|e| Fail::invalid(format!("invalid expiresAt {at:?}: {e}")))?;
             o = o.expires_at(at.with_timezone(&chrono::Utc));
         }
         if let Some(data) = c.data {
             o = o.body(data.into_bytes());
         }
-        let out = s.create_stream(o).await.map_err(|e| fail_from(&e, Op::Other, &url))?;
+        let out = s
+            .create_stream(o)
+            .await
+            .map_err(|e| fail_from(&e, Op::Other, &url))?;
         self.content_types.insert(c.path, ct);
         let mut r = ok_reply();
         r.insert("status".into(), json!(if out.created { 201 } else { 200 }));
@@ -521,7 +590,8 @@ impl Adapter {
         let client = self.client(c.headers.as_ref(), None)?;
         let url = self.url(&c.path)?;
         // What `DurableStream::connect` does (a HEAD), keeping the metadata.
-        let s = DurableStream::with_client(&client, &url).map_err(|e| fail_from(&e, Op::Other, &url))?;
+        let s = DurableStream::with_client(&client, &url)
+            .map_err(|e| fail_from(&e, Op::Other, &url))?;
         let info = s.head().await.map_err(|e| fail_from(&e, Op::Other, &url))?;
         if let Some(ct) = info.content_type {
             self.content_types.insert(c.path.clone(), ct);
@@ -536,7 +606,8 @@ impl Adapter {
         let c: PathCmd = parse(v)?;
         let client = self.client(c.headers.as_ref(), None)?;
         let url = self.url(&c.path)?;
-        let s = DurableStream::with_client(&client, &url).map_err(|e| fail_from(&e, Op::Other, &url))?;
+        let s = DurableStream::with_client(&client, &url)
+            .map_err(|e| fail_from(&e, Op::Other, &url))?;
         let info = s.head().await.map_err(|e| fail_from(&e, Op::Other, &url))?;
         let mut r = ok_reply();
         r.insert("status".into(), json!(200));
@@ -562,7 +633,9 @@ impl Adapter {
         let client = self.client(c.headers.as_ref(), None)?;
         let url = self.url(&c.path)?;
         let s = self.stream(&client, &c.path)?;
-        s.delete().await.map_err(|e| fail_from(&e, Op::Other, &url))?;
+        s.delete()
+            .await
+            .map_err(|e| fail_from(&e, Op::Other, &url))?;
         self.content_types.remove(&c.path);
         let mut r = ok_reply();
         r.insert("status".into(), json!(200));
@@ -596,7 +669,11 @@ impl Adapter {
         let dynamic = self.snapshot();
         let client = self.client(c.headers.as_ref(), Some(&dynamic))?;
         let s = self.stream(&client, &c.path)?;
-        let opts = AppendOptions { seq, headers: header_map(&extra)?, ..AppendOptions::default() };
+        let opts = AppendOptions {
+            seq,
+            headers: header_map(&extra)?,
+            ..AppendOptions::default()
+        };
         // The library never retries a plain append on its own (the server may
         // have applied it). The suite expects transient failures (5xx, 429,
         // dropped connections) to be retried, as the reference client does,
@@ -645,7 +722,11 @@ impl Adapter {
             Some(other) => return Err(Fail::invalid(format!("unknown live mode {other}"))),
         };
         // Capped: the runner's own reply timeout is far below an hour.
-        let budget = Duration::from_millis(c.timeout_ms.unwrap_or(DEFAULT_READ_TIMEOUT_MS).min(3_600_000));
+        let budget = Duration::from_millis(
+            c.timeout_ms
+                .unwrap_or(DEFAULT_READ_TIMEOUT_MS)
+                .min(3_600_000),
+        );
         let deadline = started + budget;
         let max_chunks = c.max_chunks.unwrap_or(DEFAULT_MAX_CHUNKS);
         let wait_up_to_date = c.wait_for_up_to_date.unwrap_or(false);
@@ -656,8 +737,15 @@ impl Adapter {
         let s = self.stream(&client, &c.path)?;
         let mut r = ok_reply();
         dynamic.report(&mut r);
-        let timed_out_catch_up =
-            || Fail::new("TIMEOUT", format!("{url}: catch-up read did not finish within {} ms", c.timeout_ms.unwrap_or(DEFAULT_READ_TIMEOUT_MS)));
+        let timed_out_catch_up = || {
+            Fail::new(
+                "TIMEOUT",
+                format!(
+                    "{url}: catch-up read did not finish within {} ms",
+                    c.timeout_ms.unwrap_or(DEFAULT_READ_TIMEOUT_MS)
+                ),
+            )
+        };
 
         let opts = StreamOptions::new().offset(requested.as_str()).live(live);
         let mut res = match tokio::time::timeout_at(deadline, s.stream(opts)).await {
@@ -689,7 +777,10 @@ impl Adapter {
                 Ok(Err(e)) => return Err(fail_from(&e, Op::Read, &url)),
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(batch))) => {
-                    if let Some(chunk) = text.chunk(&batch).map_err(|m| Fail::new("PARSE_ERROR", format!("{url}: {m}")))? {
+                    if let Some(chunk) = text
+                        .chunk(&batch)
+                        .map_err(|m| Fail::new("PARSE_ERROR", format!("{url}: {m}")))?
+                    {
                         chunks.push(chunk);
                     }
                     if live != LiveMode::Off && wait_up_to_date && batch.up_to_date {
@@ -738,7 +829,12 @@ impl Adapter {
 
     // -- §3.9–3.12 idempotent producer ----------------------------------------
 
-    fn producer_options(&self, c: &ProducerCmd, slot: &ErrorSlot, url: &str) -> Result<ProducerOptions, Fail> {
+    fn producer_options(
+        &self,
+        c: &ProducerCmd,
+        slot: &ErrorSlot,
+        url: &str,
+    ) -> Result<ProducerOptions, Fail> {
         let epoch = c.epoch.unwrap_or(0);
         if epoch < 0 {
             return Err(Fail::invalid("epoch must be >= 0"));
@@ -761,27 +857,43 @@ impl Adapter {
 
     /// The cached producer for (path, producerId, epoch), created on first use.
     fn cached_producer(&mut self, c: &ProducerCmd) -> Result<&CachedProducer, Fail> {
-        let key = (c.path.clone(), c.producer_id.clone(), c.epoch.unwrap_or(0).max(0) as u64);
+        let key = (
+            c.path.clone(),
+            c.producer_id.clone(),
+            c.epoch.unwrap_or(0).max(0) as u64,
+        );
         if !self.producers.contains_key(&key) {
             let url = self.url(&c.path)?;
             let client = self.client(c.headers.as_ref(), None)?;
             let s = self.stream(&client, &c.path)?;
             let error = ErrorSlot::default();
             let opts = self.producer_options(c, &error, &url)?;
-            let producer = s.producer(&c.producer_id, opts).map_err(|e| producer_arg_fail(&e))?;
-            self.producers.insert(key.clone(), CachedProducer { producer, error });
+            let producer = s
+                .producer(&c.producer_id, opts)
+                .map_err(|e| producer_arg_fail(&e))?;
+            self.producers
+                .insert(key.clone(), CachedProducer { producer, error });
         }
-        self.producers.get(&key).ok_or_else(|| Fail::new("INTERNAL_ERROR", "producer cache"))
+        self.producers
+            .get(&key)
+            .ok_or_else(|| Fail::new("INTERNAL_ERROR", "producer cache"))
     }
 
     fn evict(&mut self, c: &ProducerCmd) {
-        self.producers.remove(&(c.path.clone(), c.producer_id.clone(), c.epoch.unwrap_or(0).max(0) as u64));
+        self.producers.remove(&(
+            c.path.clone(),
+            c.producer_id.clone(),
+            c.epoch.unwrap_or(0).max(0) as u64,
+        ));
     }
 
     async fn idempotent_append(&mut self, v: &Value) -> Result<Reply, Fail> {
         let c: ProducerCmd = parse(v)?;
         let url = self.url(&c.path)?;
-        let data = c.data.clone().ok_or_else(|| Fail::invalid("idempotent-append needs data"))?;
+        let data = c
+            .data
+            .clone()
+            .ok_or_else(|| Fail::invalid("idempotent-append needs data"))?;
         let cached = self.cached_producer(&c)?;
         let result = cached.producer.send(data.into_bytes()).await;
         let ack = match result {
@@ -822,7 +934,9 @@ impl Adapter {
             opts.max_batch_bytes = 1;
             opts.linger = Duration::ZERO;
         }
-        let p = s.producer(&c.producer_id, opts).map_err(|e| producer_arg_fail(&e))?;
+        let p = s
+            .producer(&c.producer_id, opts)
+            .map_err(|e| producer_arg_fail(&e))?;
         let mut result = Ok(());
         for item in items {
             if let Err(e) = p.append(item.into_bytes()) {
@@ -875,11 +989,19 @@ impl Adapter {
         let c: ProducerCmd = parse(v)?;
         let url = self.url(&c.path)?;
         self.cached_producer(&c)?;
-        let key = (c.path.clone(), c.producer_id.clone(), c.epoch.unwrap_or(0).max(0) as u64);
+        let key = (
+            c.path.clone(),
+            c.producer_id.clone(),
+            c.epoch.unwrap_or(0).max(0) as u64,
+        );
         let Some(cached) = self.producers.remove(&key) else {
             return Err(Fail::new("INTERNAL_ERROR", "producer cache"));
         };
-        cached.producer.detach().await.map_err(|e| producer_fail(&e, &cached.error, &url))?;
+        cached
+            .producer
+            .detach()
+            .await
+            .map_err(|e| producer_fail(&e, &cached.error, &url))?;
         let mut r = ok_reply();
         r.insert("status".into(), json!(200));
         Ok(r)
@@ -896,12 +1018,23 @@ impl Adapter {
             (other, _) => return Err(Fail::invalid(format!("unsupported valueType {other:?}"))),
         };
         if header {
-            HeaderName::from_bytes(c.name.as_bytes()).map_err(|_| Fail::invalid(format!("invalid header name {:?}", c.name)))?;
+            HeaderName::from_bytes(c.name.as_bytes())
+                .map_err(|_| Fail::invalid(format!("invalid header name {:?}", c.name)))?;
         } else if c.name.is_empty() {
             return Err(Fail::invalid("empty parameter name"));
         }
-        let list = if header { &mut self.dyn_headers } else { &mut self.dyn_params };
-        list.retain(|d| if header { !d.name.eq_ignore_ascii_case(&c.name) } else { d.name != c.name });
+        let list = if header {
+            &mut self.dyn_headers
+        } else {
+            &mut self.dyn_params
+        };
+        list.retain(|d| {
+            if header {
+                !d.name.eq_ignore_ascii_case(&c.name)
+            } else {
+                d.name != c.name
+            }
+        });
         list.push(DynValue { name: c.name, kind });
         Ok(ok_reply())
     }
@@ -917,10 +1050,18 @@ impl Adapter {
             }
             Some("idempotent-producer") => {
                 let t: ProducerTarget = parse(&c.target)?;
-                let base = self.base.clone().unwrap_or_else(|| "http://127.0.0.1:1".to_string());
+                let base = self
+                    .base
+                    .clone()
+                    .unwrap_or_else(|| "http://127.0.0.1:1".to_string());
                 validate_producer(&t, &format!("{base}/validate"))?;
             }
-            other => return Err(Fail::new("NOT_SUPPORTED", format!("unsupported validate target {other:?}"))),
+            other => {
+                return Err(Fail::new(
+                    "NOT_SUPPORTED",
+                    format!("unsupported validate target {other:?}"),
+                ))
+            }
         }
         Ok(ok_reply())
     }
@@ -955,47 +1096,74 @@ impl Adapter {
                 let s = self.stream(&client, &op.path)?;
                 let t = Instant::now();
                 let opts = StreamOptions::new().offset(op.offset.as_deref().unwrap_or("-1"));
-                let bytes = s.stream(opts).await.map_err(bench_fail)?.bytes().await.map_err(bench_fail)?;
+                let bytes = s
+                    .stream(opts)
+                    .await
+                    .map_err(bench_fail)?
+                    .bytes()
+                    .await
+                    .map_err(bench_fail)?;
                 let d = t.elapsed();
                 metrics.insert("bytesTransferred".into(), json!(bytes.len()));
                 d
             }
             "create" => {
                 let s = DurableStream::with_client(&client, &url).map_err(bench_fail)?;
-                let ct = op.content_type.clone().unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
+                let ct = op
+                    .content_type
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
                 let t = Instant::now();
-                s.create_stream(CreateOptions::new().content_type(ct.clone())).await.map_err(bench_fail)?;
+                s.create_stream(CreateOptions::new().content_type(ct.clone()))
+                    .await
+                    .map_err(bench_fail)?;
                 let d = t.elapsed();
                 self.content_types.insert(op.path.clone(), ct);
                 d
             }
             "roundtrip" => {
-                let ct = op.content_type.clone().unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
+                let ct = op
+                    .content_type
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_string());
                 let live = match op.live.as_deref() {
                     Some("sse") => LiveMode::Sse,
                     _ => LiveMode::LongPoll,
                 };
                 let size = op.size.unwrap_or(100);
                 let s = DurableStream::with_client(&client, &url).map_err(bench_fail)?;
-                let created = s.create_stream(CreateOptions::new().content_type(ct.clone())).await.map_err(bench_fail)?;
+                let created = s
+                    .create_stream(CreateOptions::new().content_type(ct.clone()))
+                    .await
+                    .map_err(bench_fail)?;
                 self.content_types.insert(op.path.clone(), ct.clone());
                 let start_offset = created.next_offset.unwrap_or_else(|| "-1".to_string());
                 let body = payload(size, is_json(&ct));
                 let t = Instant::now();
                 let read = async {
-                    let mut res = s.stream(StreamOptions::new().offset(start_offset.as_str()).live(live)).await?;
+                    let mut res = s
+                        .stream(
+                            StreamOptions::new()
+                                .offset(start_offset.as_str())
+                                .live(live),
+                        )
+                        .await?;
                     while let Some(b) = res.next_batch().await? {
                         if !b.is_empty() {
                             return Ok(b.data.len());
                         }
                     }
-                    Err(Error::Parse("the stream ended before the data arrived".into()))
+                    Err(Error::Parse(
+                        "the stream ended before the data arrived".into(),
+                    ))
                 };
                 let write = s.append(body);
                 let work = async { tokio::join!(read, write) };
                 let (got, wrote) = tokio::time::timeout(Duration::from_secs(20), work)
                     .await
-                    .map_err(|_| Fail::new("INTERNAL_ERROR", format!("{url}: roundtrip timed out")))?;
+                    .map_err(|_| {
+                        Fail::new("INTERNAL_ERROR", format!("{url}: roundtrip timed out"))
+                    })?;
                 wrote.map_err(bench_fail)?;
                 let n = got.map_err(bench_fail)?;
                 let d = t.elapsed();
@@ -1010,14 +1178,21 @@ impl Adapter {
                     Some(ct) => ct.clone(),
                     None => DEFAULT_CONTENT_TYPE.to_string(),
                 };
-                match s.create_stream(CreateOptions::new().content_type(ct.clone())).await {
+                match s
+                    .create_stream(CreateOptions::new().content_type(ct.clone()))
+                    .await
+                {
                     Ok(_) | Err(Error::Conflict { .. }) => {}
                     Err(e) => return Err(bench_fail(e)),
                 }
                 let ct = s.resolve_content_type().await.map_err(bench_fail)?;
                 self.content_types.insert(op.path.clone(), ct.clone());
                 let body = payload(size, is_json(&ct));
-                let id = format!("bench-{}-{}", std::process::id(), FRESH_ID.fetch_add(1, Ordering::Relaxed));
+                let id = format!(
+                    "bench-{}-{}",
+                    std::process::id(),
+                    FRESH_ID.fetch_add(1, Ordering::Relaxed)
+                );
                 let opts = ProducerOptions {
                     max_in_flight: op.concurrency.unwrap_or(1).max(1),
                     auto_claim: true,
@@ -1053,7 +1228,11 @@ impl Adapter {
                 let (mut messages, mut bytes) = (0usize, 0usize);
                 while let Some(b) = res.next_batch().await.map_err(bench_fail)? {
                     bytes += b.data.len();
-                    messages += if b.json { b.raw_items().map_err(bench_fail)?.len() } else { usize::from(!b.is_empty()) };
+                    messages += if b.json {
+                        b.raw_items().map_err(bench_fail)?.len()
+                    } else {
+                        usize::from(!b.is_empty())
+                    };
                     if b.up_to_date {
                         break;
                     }
@@ -1066,7 +1245,12 @@ impl Adapter {
                 metrics.insert("bytesPerSecond".into(), json!(bytes as f64 / secs));
                 d
             }
-            other => return Err(Fail::new("NOT_SUPPORTED", format!("unsupported benchmark op {other:?}"))),
+            other => {
+                return Err(Fail::new(
+                    "NOT_SUPPORTED",
+                    format!("unsupported benchmark op {other:?}"),
+                ))
+            }
         };
         let mut r = ok_reply();
         r.insert("iterationId".into(), json!(c.iteration_id));
@@ -1123,14 +1307,17 @@ fn producer_arg_fail(e: &Error) -> Fail {
 /// A non-negative whole number, or an error naming `field`.
 fn whole(v: f64, field: &str) -> Result<u64, Fail> {
     if !v.is_finite() || v < 0.0 || v.fract() != 0.0 {
-        return Err(Fail::invalid(format!("{field} must be a non-negative integer (got {v})")));
+        return Err(Fail::invalid(format!(
+            "{field} must be a non-negative integer (got {v})"
+        )));
     }
     Ok(v as u64)
 }
 
 /// A duration given in (possibly fractional) milliseconds.
 fn millis(v: f64, field: &str) -> Result<Duration, Fail> {
-    Duration::try_from_secs_f64(v / 1000.0).map_err(|_| Fail::invalid(format!("{field} is out of range (got {v})")))
+    Duration::try_from_secs_f64(v / 1000.0)
+        .map_err(|_| Fail::invalid(format!("{field} is out of range (got {v})")))
 }
 
 /// §3.14 retry options: the values must convert to the library's
@@ -1140,25 +1327,48 @@ fn validate_retry(t: &RetryTarget) -> Result<(), Fail> {
     let d = RetryPolicy::default();
     let max_retries = match t.max_retries {
         None => d.max_retries,
-        Some(v) => u32::try_from(whole(v, "maxRetries")?).map_err(|_| Fail::invalid("maxRetries is too large"))?,
+        Some(v) => u32::try_from(whole(v, "maxRetries")?)
+            .map_err(|_| Fail::invalid("maxRetries is too large"))?,
     };
     let initial_backoff = match t.initial_delay_ms {
         None => d.initial_backoff,
         Some(v) if v > 0.0 => millis(v, "initialDelayMs")?,
-        Some(v) => return Err(Fail::invalid(format!("initialDelayMs must be > 0 (got {v})"))),
+        Some(v) => {
+            return Err(Fail::invalid(format!(
+                "initialDelayMs must be > 0 (got {v})"
+            )))
+        }
     };
     let max_backoff = match t.max_delay_ms {
         None => d.max_backoff,
         Some(v) if v >= 0.0 => millis(v, "maxDelayMs")?,
-        Some(v) => return Err(Fail::invalid(format!("maxDelayMs must be >= initialDelayMs (got {v})"))),
+        Some(v) => {
+            return Err(Fail::invalid(format!(
+                "maxDelayMs must be >= initialDelayMs (got {v})"
+            )))
+        }
     };
     let multiplier = t.multiplier.unwrap_or(d.multiplier);
-    let policy = RetryPolicy { max_retries, initial_backoff, max_backoff, multiplier, ..d };
-    Client::builder().retry_policy(policy).build().map(|_| ()).map_err(|e| {
-        let msg = e.to_string();
-        let field = if msg.contains("multiplier") { "multiplier" } else { "maxDelayMs" };
-        Fail::invalid(format!("{field}: {msg}"))
-    })
+    let policy = RetryPolicy {
+        max_retries,
+        initial_backoff,
+        max_backoff,
+        multiplier,
+        ..d
+    };
+    Client::builder()
+        .retry_policy(policy)
+        .build()
+        .map(|_| ())
+        .map_err(|e| {
+            let msg = e.to_string();
+            let field = if msg.contains("multiplier") {
+                "multiplier"
+            } else {
+                "maxDelayMs"
+            };
+            Fail::invalid(format!("{field}: {msg}"))
+        })
 }
 
 /// §3.14 producer options: construct an `IdempotentProducer` (no I/O).
@@ -1170,14 +1380,24 @@ fn validate_producer(t: &ProducerTarget, url: &str) -> Result<(), Fail> {
     };
     let max_batch_bytes = match t.max_batch_bytes {
         None => d.max_batch_bytes,
-        Some(v) => usize::try_from(whole(v, "maxBatchBytes")?).map_err(|_| Fail::invalid("maxBatchBytes is too large"))?,
+        Some(v) => usize::try_from(whole(v, "maxBatchBytes")?)
+            .map_err(|_| Fail::invalid("maxBatchBytes is too large"))?,
     };
     let max_batch_items = match t.max_batch_items {
         None => d.max_batch_items,
-        Some(v) => usize::try_from(whole(v, "maxBatchItems")?).map_err(|_| Fail::invalid("maxBatchItems is too large"))?,
+        Some(v) => usize::try_from(whole(v, "maxBatchItems")?)
+            .map_err(|_| Fail::invalid("maxBatchItems is too large"))?,
     };
-    let id = t.producer_id.clone().unwrap_or_else(|| "validate-producer".to_string());
-    let opts = ProducerOptions { epoch, max_batch_bytes, max_batch_items, ..d };
+    let id = t
+        .producer_id
+        .clone()
+        .unwrap_or_else(|| "validate-producer".to_string());
+    let opts = ProducerOptions {
+        epoch,
+        max_batch_bytes,
+        max_batch_items,
+        ..d
+    };
     let s = DurableStream::new(url).map_err(|e| Fail::invalid(e.to_string()))?;
     match IdempotentProducer::new(s, &id, opts) {
         Ok(_producer) => Ok(()), // dropped unused: it stops without any request
@@ -1247,7 +1467,8 @@ impl ChunkText {
         if self.carry.is_empty() {
             return None;
         }
-        let data = base64::engine::general_purpose::STANDARD.encode(std::mem::take(&mut self.carry));
+        let data =
+            base64::engine::general_purpose::STANDARD.encode(std::mem::take(&mut self.carry));
         Some(json!({"data": data, "binary": true, "offset": offset}))
     }
 }
@@ -1255,8 +1476,10 @@ impl ChunkText {
 /// Validates a JSON body and removes insignificant whitespace, keeping every
 /// value's text (key order, number spelling) as stored.
 fn compact_json(data: &[u8]) -> Result<String, String> {
-    let text = std::str::from_utf8(data).map_err(|e| format!("JSON stream data is not UTF-8: {e}"))?;
-    serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| format!("JSON stream data is not valid JSON: {e}"))?;
+    let text =
+        std::str::from_utf8(data).map_err(|e| format!("JSON stream data is not UTF-8: {e}"))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| format!("JSON stream data is not valid JSON: {e}"))?;
     let mut out = String::with_capacity(text.len());
     let (mut in_string, mut escaped) = (false, false);
     for ch in text.chars() {
@@ -1328,14 +1551,26 @@ async fn main() {
             continue;
         }
         // A panic must not kill the adapter mid-run: answer it like any failure.
-        let (reply, next) = match AssertUnwindSafe(adapter.handle_line(text)).catch_unwind().await {
+        let (reply, next) = match AssertUnwindSafe(adapter.handle_line(text))
+            .catch_unwind()
+            .await
+        {
             Ok(done) => done,
             Err(_) => {
                 let ty = serde_json::from_str::<Value>(text)
                     .ok()
                     .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string))
                     .unwrap_or_else(|| "unknown".to_string());
-                (error_reply(&ty, &Fail::new("INTERNAL_ERROR", "the adapter panicked handling this command")), Next::Continue)
+                (
+                    error_reply(
+                        &ty,
+                        &Fail::new(
+                            "INTERNAL_ERROR",
+                            "the adapter panicked handling this command",
+                        ),
+                    ),
+                    Next::Continue,
+                )
             }
         };
         if let Err(e) = write_reply(&reply) {

@@ -26,16 +26,28 @@ pub fn server_bin() -> PathBuf {
         let exe = std::env::current_exe().unwrap();
         // target/<profile>/deps/<test-exe>
         let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let bin = profile_dir.join(format!("durable-streams-server{}", std::env::consts::EXE_SUFFIX));
+        let bin = profile_dir.join(format!(
+            "durable-streams-server{}",
+            std::env::consts::EXE_SUFFIX
+        ));
         if !bin.exists() {
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let target_dir = profile_dir.parent().unwrap();
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            cmd.args(["build", "-p", "durable-streams-server", "--bin", "durable-streams-server"]);
+            cmd.args([
+                "build",
+                "-p",
+                "durable-streams-server",
+                "--bin",
+                "durable-streams-server",
+            ]);
             if release {
                 cmd.arg("--release");
             }
-            let status = cmd.env("CARGO_TARGET_DIR", target_dir).status().expect("run cargo build for the server");
+            let status = cmd
+                .env("CARGO_TARGET_DIR", target_dir)
+                .status()
+                .expect("run cargo build for the server");
             assert!(status.success(), "building durable-streams-server failed");
         }
         assert!(bin.exists(), "server binary missing at {}", bin.display());
@@ -81,7 +93,9 @@ impl Server {
                 }
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not report its address");
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("server did not report its address");
         Server { child, addr }
     }
 
@@ -112,13 +126,21 @@ fn parse_listen_line(line: &str) -> Option<SocketAddr> {
         return None;
     }
     let rest = &line[line.find("addr=")? + 5..];
-    rest.split_whitespace().next()?.trim_matches('"').parse().ok()
+    rest.split_whitespace()
+        .next()?
+        .trim_matches('"')
+        .parse()
+        .ok()
 }
 
 /// Unique stream names per test.
 pub fn name(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A TCP proxy in front of a server that can fail requests on demand.
@@ -164,7 +186,9 @@ impl Proxy {
         let st = state.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
                 let st = st.clone();
                 tokio::spawn(async move {
                     let _ = handle(client, st).await;
@@ -207,7 +231,8 @@ impl Proxy {
 }
 
 fn take_one(a: &AtomicUsize) -> bool {
-    a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1)).is_ok()
+    a.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 async fn handle(mut client: TcpStream, st: Arc<ProxyState>) -> std::io::Result<()> {

@@ -37,7 +37,12 @@ pub struct CStream {
 #[derive(Debug, Clone)]
 pub enum Effect {
     /// Write `data` at stream offset `start` of stream `id` (file offset `start - base`).
-    Write { id: u64, base: u64, start: u64, data: Vec<Bytes> },
+    Write {
+        id: u64,
+        base: u64,
+        start: u64,
+        data: Vec<Bytes>,
+    },
     /// The stream is gone for good: remove its data file.
     RemoveData { id: u64 },
 }
@@ -67,7 +72,12 @@ impl Catalog {
                 }
                 let len: u64 = c.data.iter().map(|b| b.len() as u64).sum();
                 if len > 0 {
-                    effects.push(Effect::Write { id: c.id, base, start: base, data: c.data.clone() });
+                    effects.push(Effect::Write {
+                        id: c.id,
+                        base,
+                        start: base,
+                        data: c.data.clone(),
+                    });
                 }
                 self.streams.insert(
                     c.id,
@@ -95,14 +105,27 @@ impl Catalog {
                 self.next_id = self.next_id.max(c.id + 1);
             }
             Record::Append(a) => {
-                let Some(s) = self.streams.get_mut(&a.id) else { return };
+                let Some(s) = self.streams.get_mut(&a.id) else {
+                    return;
+                };
                 let len: u64 = a.data.iter().map(|b| b.len() as u64).sum();
                 if len > 0 {
-                    effects.push(Effect::Write { id: a.id, base: s.base, start: a.start, data: a.data.clone() });
+                    effects.push(Effect::Write {
+                        id: a.id,
+                        base: s.base,
+                        start: a.start,
+                        data: a.data.clone(),
+                    });
                 }
                 s.tail = a.start + len;
                 if let Some((pid, epoch, seq)) = &a.producer {
-                    s.producers.insert(pid.clone(), ProducerState { epoch: *epoch, last_seq: *seq });
+                    s.producers.insert(
+                        pid.clone(),
+                        ProducerState {
+                            epoch: *epoch,
+                            last_seq: *seq,
+                        },
+                    );
                     if a.close {
                         s.closed_by = Some((pid.clone(), *epoch, *seq));
                     }
@@ -128,7 +151,9 @@ impl Catalog {
     /// otherwise retained for them, soft-deleted (410, path kept) for a
     /// delete, detached from its path (404) for an expiry.
     fn delete(&mut self, id: u64, expired: bool, effects: &mut Vec<Effect>) {
-        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
         if s.fork_refs > 0 {
             if expired {
                 if let Some(p) = s.path.take() {
@@ -148,7 +173,9 @@ impl Catalog {
     /// retained only for it.
     fn remove(&mut self, mut id: u64, effects: &mut Vec<Effect>) {
         loop {
-            let Some(s) = self.streams.remove(&id) else { return };
+            let Some(s) = self.streams.remove(&id) else {
+                return;
+            };
             if let Some(p) = &s.path {
                 if self.paths.get(p) == Some(&id) {
                     self.paths.remove(p);
@@ -156,7 +183,9 @@ impl Catalog {
             }
             effects.push(Effect::RemoveData { id });
             let Some(src_id) = s.source_id else { return };
-            let Some(src) = self.streams.get_mut(&src_id) else { return };
+            let Some(src) = self.streams.get_mut(&src_id) else {
+                return;
+            };
             src.fork_refs = src.fork_refs.saturating_sub(1);
             if src.fork_refs > 0 || !(src.soft_deleted || src.path.is_none()) {
                 return;
@@ -226,7 +255,10 @@ impl Catalog {
         let mut d = Dec::new(Bytes::copy_from_slice(body));
         let seg = d.u64()?;
         let off = d.u64()?;
-        let mut cat = Catalog { next_id: d.u64()?, ..Catalog::default() };
+        let mut cat = Catalog {
+            next_id: d.u64()?,
+            ..Catalog::default()
+        };
         let n = d.u64()?;
         for _ in 0..n {
             let id = d.u64()?;
@@ -241,7 +273,11 @@ impl Catalog {
             let tail = d.u64()?;
             let source_id = d.opt_u64()?;
             let fork = if d.bool()? {
-                Some(ForkSpec { source: d.str()?, offset: d.opt_u64()?.map(Offset), sub_offset: d.u64()? })
+                Some(ForkSpec {
+                    source: d.str()?,
+                    offset: d.opt_u64()?.map(Offset),
+                    sub_offset: d.u64()?,
+                })
             } else {
                 None
             };
@@ -249,7 +285,13 @@ impl Catalog {
             let mut producers = BTreeMap::new();
             for _ in 0..np {
                 let pid = d.str()?;
-                producers.insert(pid, ProducerState { epoch: d.u64()?, last_seq: d.u64()? });
+                producers.insert(
+                    pid,
+                    ProducerState {
+                        epoch: d.u64()?,
+                        last_seq: d.u64()?,
+                    },
+                );
             }
             let last_stream_seq = d.opt_str()?;
             let last_access_ms = d.u64()?;
@@ -261,8 +303,23 @@ impl Catalog {
             cat.streams.insert(
                 id,
                 CStream {
-                    id, path, content_type, json, expiry, requested_expiry, closed, closed_by, base, tail,
-                    source_id, fork, producers, last_stream_seq, last_access_ms, soft_deleted, fork_refs,
+                    id,
+                    path,
+                    content_type,
+                    json,
+                    expiry,
+                    requested_expiry,
+                    closed,
+                    closed_by,
+                    base,
+                    tail,
+                    source_id,
+                    fork,
+                    producers,
+                    last_stream_seq,
+                    last_access_ms,
+                    soft_deleted,
+                    fork_refs,
                 },
             );
         }

@@ -185,10 +185,12 @@ impl Dec {
         }
     }
     pub fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     pub fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])))
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])))
     }
     pub fn i64(&mut self) -> Option<i64> {
         self.u64().map(|v| v as i64)
@@ -198,10 +200,18 @@ impl Dec {
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }
     pub fn opt_str(&mut self) -> Option<Option<String>> {
-        Some(if self.bool()? { Some(self.str()?) } else { None })
+        Some(if self.bool()? {
+            Some(self.str()?)
+        } else {
+            None
+        })
     }
     pub fn opt_u64(&mut self) -> Option<Option<u64>> {
-        Some(if self.bool()? { Some(self.u64()?) } else { None })
+        Some(if self.bool()? {
+            Some(self.u64()?)
+        } else {
+            None
+        })
     }
     pub fn data(&mut self) -> Option<Vec<Bytes>> {
         let n = usize::try_from(self.u64()?).ok()?;
@@ -217,7 +227,11 @@ impl Dec {
         })
     }
     pub fn producer(&mut self) -> Option<Option<(String, u64, u64)>> {
-        Some(if self.bool()? { Some((self.str()?, self.u64()?, self.u64()?)) } else { None })
+        Some(if self.bool()? {
+            Some((self.str()?, self.u64()?, self.u64()?))
+        } else {
+            None
+        })
     }
     pub fn fork(&mut self) -> Option<Option<ForkRec>> {
         if !self.bool()? {
@@ -228,7 +242,15 @@ impl Dec {
         let source = self.str()?;
         let offset = self.opt_u64()?.map(Offset);
         let sub_offset = self.u64()?;
-        Some(Some(ForkRec { source_id, fork_offset, spec: ForkSpec { source, offset, sub_offset } }))
+        Some(Some(ForkRec {
+            source_id,
+            fork_offset,
+            spec: ForkSpec {
+                source,
+                offset,
+                sub_offset,
+            },
+        }))
     }
 }
 
@@ -257,7 +279,11 @@ pub fn encode_record(r: &Record, out: &mut Enc) {
             out.opt_str(&a.stream_seq);
             out.data(&a.data);
         }
-        Record::Delete { id, expired, now_ms } => {
+        Record::Delete {
+            id,
+            expired,
+            now_ms,
+        } => {
             out.u8(3);
             out.u64(*id);
             out.bool(*expired);
@@ -298,7 +324,11 @@ pub fn decode_record(payload: Bytes) -> Option<Record> {
             stream_seq: d.opt_str()?,
             data: d.data()?,
         }),
-        3 => Record::Delete { id: d.u64()?, expired: d.bool()?, now_ms: d.u64()? },
+        3 => Record::Delete {
+            id: d.u64()?,
+            expired: d.bool()?,
+            now_ms: d.u64()?,
+        },
         4 => {
             let n = d.u32()?;
             let mut list = Vec::new();
@@ -338,7 +368,11 @@ pub fn scan_segment(buf: &Bytes) -> Scan {
     let mut records = Vec::new();
     loop {
         if pos == buf.len() {
-            return Scan { records, valid_end: pos as u64, torn: false };
+            return Scan {
+                records,
+                valid_end: pos as u64,
+                torn: false,
+            };
         }
         let valid = (|| {
             let hdr = buf.get(pos..pos + 8)?;
@@ -362,7 +396,11 @@ pub fn scan_segment(buf: &Bytes) -> Scan {
             None => {
                 // A zero-filled (preallocated) tail is the clean end.
                 let torn = buf[pos..].iter().any(|b| *b != 0);
-                return Scan { records, valid_end: pos as u64, torn };
+                return Scan {
+                    records,
+                    valid_end: pos as u64,
+                    torn,
+                };
             }
         }
     }
@@ -383,11 +421,31 @@ mod tests {
                 requested_expiry: Expiry::Never,
                 closed: false,
                 now_ms: 99,
-                fork: Some(ForkRec { source_id: 3, fork_offset: 10, spec: ForkSpec { source: "s".into(), offset: Some(Offset(4)), sub_offset: 2 } }),
+                fork: Some(ForkRec {
+                    source_id: 3,
+                    fork_offset: 10,
+                    spec: ForkSpec {
+                        source: "s".into(),
+                        offset: Some(Offset(4)),
+                        sub_offset: 2,
+                    },
+                }),
                 data: vec![Bytes::from_static(b"1,2,")],
             }),
-            Record::Append(AppendRec { id: 7, start: 14, now_ms: 100, close: true, producer: Some(("p".into(), 1, 2)), stream_seq: Some("x".into()), data: vec![Bytes::from_static(b"3,")] }),
-            Record::Delete { id: 7, expired: true, now_ms: 5 },
+            Record::Append(AppendRec {
+                id: 7,
+                start: 14,
+                now_ms: 100,
+                close: true,
+                producer: Some(("p".into(), 1, 2)),
+                stream_seq: Some("x".into()),
+                data: vec![Bytes::from_static(b"3,")],
+            }),
+            Record::Delete {
+                id: 7,
+                expired: true,
+                now_ms: 5,
+            },
             Record::Touch(vec![(1, 2), (3, 4)]),
         ]
     }
@@ -406,7 +464,10 @@ mod tests {
         let recs = sample();
         let scan = scan_segment(&Bytes::from(segment(&recs)));
         assert!(!scan.torn);
-        assert_eq!(scan.records.into_iter().map(|(_, r)| r).collect::<Vec<_>>(), recs);
+        assert_eq!(
+            scan.records.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+            recs
+        );
     }
 
     /// A preallocated (zero-filled) tail after the records is a clean end;
@@ -447,7 +508,11 @@ mod tests {
             let scan = scan_segment(&Bytes::from(full[..cut].to_vec()));
             let complete = ends.iter().filter(|e| **e <= cut).count();
             assert_eq!(scan.records.len(), complete, "cut at {cut}");
-            assert_eq!(scan.torn, cut != WAL_HEADER_LEN as usize && !ends.contains(&cut), "cut at {cut}");
+            assert_eq!(
+                scan.torn,
+                cut != WAL_HEADER_LEN as usize && !ends.contains(&cut),
+                "cut at {cut}"
+            );
         }
         let last_start = ends[ends.len() - 2];
         for i in last_start..full.len() {

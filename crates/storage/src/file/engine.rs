@@ -73,7 +73,13 @@ enum Publish {
 }
 
 enum Job {
-    Write { record: Record, stream: Option<Arc<FStream>>, publish: Publish, ack: Option<Ack>, bytes: u64 },
+    Write {
+        record: Record,
+        stream: Option<Arc<FStream>>,
+        publish: Publish,
+        ack: Option<Ack>,
+        bytes: u64,
+    },
     /// Acknowledged once every job queued before it is durable.
     Barrier(Ack),
     Checkpoint(Ack),
@@ -158,7 +164,9 @@ struct FileCache {
 
 impl FileCache {
     fn path(dir: &Path, id: u64) -> PathBuf {
-        dir.join("data").join(format!("{:02x}", id % 256)).join(format!("{id:016x}.dat"))
+        dir.join("data")
+            .join(format!("{:02x}", id % 256))
+            .join(format!("{id:016x}.dat"))
     }
     fn get(&self, id: u64, create: bool) -> io::Result<Arc<dyn VfsFile>> {
         let mut open = self.open.lock();
@@ -244,17 +252,29 @@ fn read_exact_at(f: &dyn VfsFile, buf: &mut [u8], offset: u64) -> io::Result<()>
     while at < buf.len() {
         let n = f.read_at(&mut buf[at..], offset + at as u64)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "data file shorter than its stream"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "data file shorter than its stream",
+            ));
         }
         at += n;
     }
     Ok(())
 }
 
-fn write_effects(files: &FileCache, effects: &[Effect], dirty: &mut HashSet<u64>) -> io::Result<()> {
+fn write_effects(
+    files: &FileCache,
+    effects: &[Effect],
+    dirty: &mut HashSet<u64>,
+) -> io::Result<()> {
     for e in effects {
         match e {
-            Effect::Write { id, base, start, data } => {
+            Effect::Write {
+                id,
+                base,
+                start,
+                data,
+            } => {
                 let f = files.get(*id, true)?;
                 let mut at = start - base;
                 for d in data {
@@ -284,7 +304,12 @@ struct Wal {
 impl FileEngine {
     /// Opens (creating if needed) a data directory on the real file system.
     pub fn open(dir: impl AsRef<Path>, opts: FileOptions) -> Result<FileEngine, StorageError> {
-        Self::open_with(dir, opts, Arc::new(super::vfs::StdVfs::default()), Arc::new(SystemClock))
+        Self::open_with(
+            dir,
+            opts,
+            Arc::new(super::vfs::StdVfs::default()),
+            Arc::new(SystemClock),
+        )
     }
 
     /// Opens over any file system and clock (tests use the simulated ones).
@@ -300,7 +325,10 @@ impl FileEngine {
         let files = FileCache {
             vfs: vfs.clone(),
             dir: dir.clone(),
-            open: Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(opts.max_open_files.max(1)).unwrap_or(std::num::NonZeroUsize::MIN))),
+            open: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(opts.max_open_files.max(1))
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             made_dirs: Mutex::new(HashSet::new()),
         };
         let (tx, rx) = mpsc::channel();
@@ -325,7 +353,15 @@ impl FileEngine {
         let worker = inner.clone();
         let handle = std::thread::Builder::new()
             .name("ds-committer".into())
-            .spawn(move || Committer { inner: worker, catalog, wal, dirty: HashSet::new() }.run(rx))
+            .spawn(move || {
+                Committer {
+                    inner: worker,
+                    catalog,
+                    wal,
+                    dirty: HashSet::new(),
+                }
+                .run(rx)
+            })
             .map_err(io_err)?;
         *inner.committer.lock() = Some(handle);
         Ok(FileEngine { inner })
@@ -344,7 +380,8 @@ impl FileEngine {
     pub async fn checkpoint(&self) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
         self.inner.send(Job::Checkpoint(tx))?;
-        rx.await.map_err(|_| StorageError::Io("committer stopped".into()))?
+        rx.await
+            .map_err(|_| StorageError::Io("committer stopped".into()))?
     }
 
     /// Stops the committer after a final checkpoint. Further writes fail.
@@ -391,7 +428,11 @@ impl Inner {
                 durable_closed: s.closed,
                 json_marks: Vec::new(),
             };
-            let (signal, _) = watch::channel(Signal { tail: Offset(s.tail), closed: s.closed, gone: s.path.is_none() });
+            let (signal, _) = watch::channel(Signal {
+                tail: Offset(s.tail),
+                closed: s.closed,
+                gone: s.path.is_none(),
+            });
             let f = Arc::new(FStream {
                 id: s.id,
                 path: s.path.clone().unwrap_or_default(),
@@ -413,7 +454,11 @@ impl Inner {
 
     fn check_writable(&self) -> Result<(), StorageError> {
         if self.poisoned_flag.load(Ordering::Acquire) {
-            return Err(self.poisoned.lock().clone().unwrap_or(StorageError::Io("store failed".into())));
+            return Err(self
+                .poisoned
+                .lock()
+                .clone()
+                .unwrap_or(StorageError::Io("store failed".into())));
         }
         if self.pending_bytes.load(Ordering::Acquire) > self.opts.max_pending_bytes {
             return Err(StorageError::Overloaded);
@@ -422,15 +467,29 @@ impl Inner {
     }
 
     fn send(&self, job: Job) -> Result<(), StorageError> {
-        self.tx.lock().send(job).map_err(|_| StorageError::Io("committer stopped".into()))
+        self.tx
+            .lock()
+            .send(job)
+            .map_err(|_| StorageError::Io("committer stopped".into()))
     }
 
     /// Queues a record; returns the receiver of its acknowledgement.
-    fn submit(&self, record: Record, stream: Option<Arc<FStream>>, publish: Publish) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+    fn submit(
+        &self,
+        record: Record,
+        stream: Option<Arc<FStream>>,
+        publish: Publish,
+    ) -> Result<oneshot::Receiver<Result<(), StorageError>>, StorageError> {
         let (tx, rx) = oneshot::channel();
         let bytes = record.data_len() + 64;
         self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
-        if let Err(e) = self.send(Job::Write { record, stream, publish, ack: Some(tx), bytes }) {
+        if let Err(e) = self.send(Job::Write {
+            record,
+            stream,
+            publish,
+            ack: Some(tx),
+            bytes,
+        }) {
             self.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
             return Err(e);
         }
@@ -440,11 +499,17 @@ impl Inner {
     async fn barrier(&self) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Barrier(tx))?;
-        rx.await.map_err(|_| StorageError::Io("committer stopped".into()))?
+        rx.await
+            .map_err(|_| StorageError::Io("committer stopped".into()))?
     }
 
     async fn live(&self, path: &str) -> Result<Arc<FStream>, StorageError> {
-        let s = self.registry.read().get(path).cloned().ok_or(StorageError::NotFound)?;
+        let s = self
+            .registry
+            .read()
+            .get(path)
+            .cloned()
+            .ok_or(StorageError::NotFound)?;
         let created = s.state.lock().created;
         if !created {
             // Created but not yet durable: wait for its record.
@@ -470,7 +535,12 @@ impl Inner {
 
     /// Deletes or expires `s` (registered at `path`) in the live state and
     /// queues the Delete record, mirroring `Catalog::delete`.
-    fn remove_live(&self, path: &str, s: &Arc<FStream>, expired: bool) -> Option<oneshot::Receiver<Result<(), StorageError>>> {
+    fn remove_live(
+        &self,
+        path: &str,
+        s: &Arc<FStream>,
+        expired: bool,
+    ) -> Option<oneshot::Receiver<Result<(), StorageError>>> {
         let mut reg = self.registry.write();
         if !reg.get(path).is_some_and(|e| Arc::ptr_eq(e, s)) {
             return None;
@@ -509,15 +579,28 @@ impl Inner {
                 cur = src;
             }
         }
-        let rec = Record::Delete { id: s.id, expired, now_ms: self.clock.now_ms() };
+        let rec = Record::Delete {
+            id: s.id,
+            expired,
+            now_ms: self.clock.now_ms(),
+        };
         self.submit(rec, None, Publish::None).ok()
     }
 
     /// Reads stored bytes `from..end` across the fork chain.
-    fn read_range(&self, s: &Arc<FStream>, from: u64, end: u64, out: &mut Vec<Bytes>) -> Result<(), StorageError> {
+    fn read_range(
+        &self,
+        s: &Arc<FStream>,
+        from: u64,
+        end: u64,
+        out: &mut Vec<Bytes>,
+    ) -> Result<(), StorageError> {
         let mut from = from;
         if from < s.base {
-            let src = s.source.as_ref().ok_or_else(|| StorageError::Io("fork without source".into()))?;
+            let src = s
+                .source
+                .as_ref()
+                .ok_or_else(|| StorageError::Io("fork without source".into()))?;
             let upto = end.min(s.base);
             self.read_range(src, from, upto, out)?;
             from = upto;
@@ -533,7 +616,13 @@ impl Inner {
 
     /// For JSON streams: the end of the `n`-th message after `from`, reading
     /// no further than `tail`. `None` when fewer messages exist.
-    fn json_advance(&self, s: &Arc<FStream>, from: u64, tail: u64, n: u64) -> Result<Option<u64>, StorageError> {
+    fn json_advance(
+        &self,
+        s: &Arc<FStream>,
+        from: u64,
+        tail: u64,
+        n: u64,
+    ) -> Result<Option<u64>, StorageError> {
         if n == 0 {
             return Ok(Some(from));
         }
@@ -579,7 +668,11 @@ impl Committer {
         let mut last_checkpoint = Instant::now();
         let mut last_touch_flush = Instant::now();
         let mut wal_since_checkpoint = 0u64;
-        let tick = self.inner.opts.touch_flush_interval.min(Duration::from_secs(1));
+        let tick = self
+            .inner
+            .opts
+            .touch_flush_interval
+            .min(Duration::from_secs(1));
         loop {
             let mut batch = Vec::new();
             match rx.recv_timeout(tick) {
@@ -603,7 +696,13 @@ impl Committer {
                 last_touch_flush = Instant::now();
                 let touches: Vec<(u64, u64)> = self.inner.touches.lock().drain().collect();
                 if !touches.is_empty() {
-                    batch.push(Job::Write { record: Record::Touch(touches), stream: None, publish: Publish::None, ack: None, bytes: 0 });
+                    batch.push(Job::Write {
+                        record: Record::Touch(touches),
+                        stream: None,
+                        publish: Publish::None,
+                        ack: None,
+                        bytes: 0,
+                    });
                 }
             }
             let mut stop = false;
@@ -628,7 +727,9 @@ impl Committer {
             let due = wal_since_checkpoint > 0
                 && (last_checkpoint.elapsed() >= self.inner.opts.checkpoint_interval
                     || wal_since_checkpoint >= self.inner.opts.checkpoint_wal_bytes);
-            if (due || !checkpoint_acks.is_empty() || stop) && !self.inner.poisoned_flag.load(Ordering::Acquire) {
+            if (due || !checkpoint_acks.is_empty() || stop)
+                && !self.inner.poisoned_flag.load(Ordering::Acquire)
+            {
                 let r = self.checkpoint().map_err(io_err);
                 if let Err(e) = &r {
                     self.poison(e.clone());
@@ -641,7 +742,12 @@ impl Committer {
                 }
             }
             for a in checkpoint_acks {
-                let _ = a.send(Err(self.inner.poisoned.lock().clone().unwrap_or(StorageError::Io("store failed".into()))));
+                let _ = a.send(Err(self
+                    .inner
+                    .poisoned
+                    .lock()
+                    .clone()
+                    .unwrap_or(StorageError::Io("store failed".into()))));
             }
             if stop {
                 break;
@@ -672,7 +778,16 @@ impl Committer {
             result = self.write_and_sync(&jobs, &buf);
         }
         for j in jobs {
-            let Job::Write { record, stream, publish, ack, bytes } = j else { continue };
+            let Job::Write {
+                record,
+                stream,
+                publish,
+                ack,
+                bytes,
+            } = j
+            else {
+                continue;
+            };
             self.inner.pending_bytes.fetch_sub(bytes, Ordering::AcqRel);
             if let Err(e) = &result {
                 if let Some(a) = ack {
@@ -723,16 +838,22 @@ impl Committer {
             me.poison(e.clone());
             Err(e)
         };
-        if let Err(e) = self.preallocate(buf.len() as u64).and_then(|_| self.wal.file.write_all_at(buf, start)) {
+        if let Err(e) = self
+            .preallocate(buf.len() as u64)
+            .and_then(|_| self.wal.file.write_all_at(buf, start))
+        {
             return fail(self, e, true);
         }
         let mut removals = Vec::new();
         for j in jobs {
-            let Job::Write { record, .. } = j else { continue };
+            let Job::Write { record, .. } = j else {
+                continue;
+            };
             let mut effects = Vec::new();
             self.catalog.apply(record, &mut effects);
-            let (writes, removes): (Vec<Effect>, Vec<Effect>) =
-                effects.into_iter().partition(|e| matches!(e, Effect::Write { .. }));
+            let (writes, removes): (Vec<Effect>, Vec<Effect>) = effects
+                .into_iter()
+                .partition(|e| matches!(e, Effect::Write { .. }));
             removals.extend(removes);
             if let Err(e) = write_effects(&self.inner.files, &writes, &mut self.dirty) {
                 return fail(self, e, true);
@@ -766,7 +887,9 @@ impl Committer {
         let zeros = vec![0u8; 1 << 20];
         while self.wal.zeroed_to < target {
             let n = (target - self.wal.zeroed_to).min(zeros.len() as u64) as usize;
-            self.wal.file.write_all_at(&zeros[..n], self.wal.zeroed_to)?;
+            self.wal
+                .file
+                .write_all_at(&zeros[..n], self.wal.zeroed_to)?;
             self.wal.zeroed_to += n as u64;
         }
         Ok(())
@@ -797,7 +920,13 @@ impl Committer {
         }
         let old = self.wal.seq;
         self.wal = new_segment(vfs.as_ref(), &dir, old + 1)?;
-        write_checkpoint(vfs.as_ref(), &dir, &self.catalog, self.wal.seq, WAL_HEADER_LEN)?;
+        write_checkpoint(
+            vfs.as_ref(),
+            &dir,
+            &self.catalog,
+            self.wal.seq,
+            WAL_HEADER_LEN,
+        )?;
         for name in vfs.list_dir(&dir.join("wal"))? {
             if let Some(seq) = parse_wal_name(&name) {
                 if seq < self.wal.seq {
@@ -812,7 +941,9 @@ impl Committer {
 
 fn parse_wal_name(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(".wal")?;
-    (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
 }
 
 fn new_segment(vfs: &dyn Vfs, dir: &Path, seq: u64) -> io::Result<Wal> {
@@ -824,10 +955,21 @@ fn new_segment(vfs: &dyn Vfs, dir: &Path, seq: u64) -> io::Result<Wal> {
     f.write_all_at(&hdr, 0)?;
     f.sync_data()?;
     vfs.sync_dir(&dir.join("wal"))?;
-    Ok(Wal { seq, file: f, len: WAL_HEADER_LEN, zeroed_to: WAL_HEADER_LEN })
+    Ok(Wal {
+        seq,
+        file: f,
+        len: WAL_HEADER_LEN,
+        zeroed_to: WAL_HEADER_LEN,
+    })
 }
 
-fn write_checkpoint(vfs: &dyn Vfs, dir: &Path, cat: &Catalog, seg: u64, off: u64) -> io::Result<()> {
+fn write_checkpoint(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    cat: &Catalog,
+    seg: u64,
+    off: u64,
+) -> io::Result<()> {
     let tmp = dir.join("checkpoint.tmp");
     let f = vfs.open(&tmp, true)?;
     f.set_len(0)?;
@@ -856,7 +998,11 @@ fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
     } else {
         (Catalog::default(), 0, WAL_HEADER_LEN)
     };
-    let mut segs: Vec<u64> = vfs.list_dir(&dir.join("wal"))?.iter().filter_map(|n| parse_wal_name(n)).collect();
+    let mut segs: Vec<u64> = vfs
+        .list_dir(&dir.join("wal"))?
+        .iter()
+        .filter_map(|n| parse_wal_name(n))
+        .collect();
     segs.sort_unstable();
     let mut effects_all: Vec<Effect> = Vec::new();
     let live_segs: Vec<u64> = segs.iter().copied().filter(|s| *s >= start_seg).collect();
@@ -871,7 +1017,9 @@ fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
                 vfs.remove_file(&path)?;
                 continue;
             }
-            return Err(corrupt(format!("WAL segment {seg:016x} has no valid header")));
+            return Err(corrupt(format!(
+                "WAL segment {seg:016x} has no valid header"
+            )));
         }
         let scan = codec::scan_segment(&buf);
         for (pos, r) in &scan.records {
@@ -882,9 +1030,16 @@ fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
         }
         if scan.torn {
             if !last {
-                return Err(corrupt(format!("WAL segment {seg:016x} is corrupt at byte {}", scan.valid_end)));
+                return Err(corrupt(format!(
+                    "WAL segment {seg:016x} is corrupt at byte {}",
+                    scan.valid_end
+                )));
             }
-            tracing::warn!(segment = seg, at = scan.valid_end, "dropping a torn record at the WAL tail");
+            tracing::warn!(
+                segment = seg,
+                at = scan.valid_end,
+                "dropping a torn record at the WAL tail"
+            );
             f.set_len(scan.valid_end)?;
             f.sync_data()?;
         }
@@ -892,7 +1047,13 @@ fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
     finish_recovery(dir, vfs, cat, effects_all, segs)
 }
 
-fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>, segs: Vec<u64>) -> io::Result<(Catalog, Wal)> {
+fn finish_recovery(
+    dir: &Path,
+    vfs: &dyn Vfs,
+    cat: Catalog,
+    effects: Vec<Effect>,
+    segs: Vec<u64>,
+) -> io::Result<(Catalog, Wal)> {
     // Re-apply the replayed data to the data files (idempotent positional
     // writes), then cut every data file to its stream's length. At most 64
     // files are open at once, whatever the number of streams.
@@ -921,7 +1082,13 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
     };
     let mut touched: HashSet<u64> = HashSet::new();
     for e in &effects {
-        if let Effect::Write { id, base, start, data } = e {
+        if let Effect::Write {
+            id,
+            base,
+            start,
+            data,
+        } = e
+        {
             if !cat.streams.contains_key(id) {
                 continue; // deleted later in the replay
             }
@@ -940,7 +1107,10 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
             Some(f) => {
                 let have = f.len()?;
                 if have < len {
-                    return Err(corrupt(format!("data file of stream {} is {have} bytes, expected {len}", s.id)));
+                    return Err(corrupt(format!(
+                        "data file of stream {} is {have} bytes, expected {len}",
+                        s.id
+                    )));
                 }
                 if have > len {
                     f.set_len(len)?;
@@ -951,7 +1121,9 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
                     f.sync_data()?;
                 }
             }
-            None if len > 0 => return Err(corrupt(format!("data file of stream {} is missing", s.id))),
+            None if len > 0 => {
+                return Err(corrupt(format!("data file of stream {} is missing", s.id)))
+            }
             None => {}
         }
     }
@@ -967,7 +1139,9 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
             continue;
         }
         for name in vfs.list_dir(&sdir)? {
-            let id = name.strip_suffix(".dat").and_then(|h| u64::from_str_radix(h, 16).ok());
+            let id = name
+                .strip_suffix(".dat")
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
             if id.is_none_or(|id| !cat.streams.contains_key(&id)) {
                 vfs.remove_file(&sdir.join(&name))?;
             }
@@ -989,17 +1163,28 @@ fn finish_recovery(dir: &Path, vfs: &dyn Vfs, cat: Catalog, effects: Vec<Effect>
 }
 
 fn same_config(s: &FStream, st: &PState, req: &CreateRequest) -> bool {
-    rules::same_config(&s.content_type, &s.requested_expiry, &s.fork, st.w.closed, req)
+    rules::same_config(
+        &s.content_type,
+        &s.requested_expiry,
+        &s.fork,
+        st.w.closed,
+        req,
+    )
 }
 
 async fn await_ack(rx: oneshot::Receiver<Result<(), StorageError>>) -> Result<(), StorageError> {
-    rx.await.map_err(|_| StorageError::Io("committer stopped".into()))?
+    rx.await
+        .map_err(|_| StorageError::Io("committer stopped".into()))?
 }
 
 impl FileEngine {
     /// Resolves a fork's source and divergence point against the source's
     /// durable tail (clients only ever saw durable offsets).
-    fn resolve_fork(inner: &Inner, src: &Arc<FStream>, spec: &ForkSpec) -> Result<u64, StorageError> {
+    fn resolve_fork(
+        inner: &Inner,
+        src: &Arc<FStream>,
+        spec: &ForkSpec,
+    ) -> Result<u64, StorageError> {
         let tail = src.state.lock().durable_tail;
         let anchor = match spec.offset {
             Some(o) if o.0 > tail => return Err(StorageError::ForkOffsetBeyondTail),
@@ -1010,7 +1195,9 @@ impl FileEngine {
             return Ok(anchor);
         }
         if src.json {
-            inner.json_advance(src, anchor, tail, spec.sub_offset)?.ok_or(StorageError::ForkSubOffsetOvershoot)
+            inner
+                .json_advance(src, anchor, tail, spec.sub_offset)?
+                .ok_or(StorageError::ForkSubOffsetOvershoot)
         } else {
             match anchor.checked_add(spec.sub_offset) {
                 Some(p) if p <= tail => Ok(p),
@@ -1044,7 +1231,10 @@ impl Engine for FileEngine {
         inner.check_writable()?;
         let (source, base, content_type, json, expiry) = match &req.fork {
             None => {
-                let ct = req.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
+                let ct = req
+                    .content_type
+                    .clone()
+                    .unwrap_or_else(|| "application/octet-stream".into());
                 (None, 0, ct, req.json, req.expiry.clone())
             }
             Some(spec) => {
@@ -1064,14 +1254,29 @@ impl Engine for FileEngine {
                     (Expiry::Never, inherited) => inherited.clone(),
                     (own, _) => own.clone(),
                 };
-                (Some(src.clone()), point, src.content_type.clone(), src.json, expiry)
+                (
+                    Some(src.clone()),
+                    point,
+                    src.content_type.clone(),
+                    src.json,
+                    expiry,
+                )
             }
         };
         let now = inner.clock.now_ms();
-        let data: Vec<Bytes> = req.records.iter().filter(|r| !r.is_empty()).cloned().collect();
+        let data: Vec<Bytes> = req
+            .records
+            .iter()
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .collect();
         let len: u64 = data.iter().map(|b| b.len() as u64).sum();
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (signal, _) = watch::channel(Signal { tail: Offset(base), closed: false, gone: false });
+        let (signal, _) = watch::channel(Signal {
+            tail: Offset(base),
+            closed: false,
+            gone: false,
+        });
         let stream = Arc::new(FStream {
             id,
             path: path.to_owned(),
@@ -1083,7 +1288,10 @@ impl Engine for FileEngine {
             fork: req.fork.clone(),
             state: Mutex::new(PState {
                 tail: base + len,
-                w: WriterState { closed: req.closed, ..WriterState::default() },
+                w: WriterState {
+                    closed: req.closed,
+                    ..WriterState::default()
+                },
                 expiry: expiry.clone(),
                 last_access_ms: now,
                 soft_deleted: false,
@@ -1093,7 +1301,11 @@ impl Engine for FileEngine {
                 created: false,
                 durable_tail: base,
                 durable_closed: false,
-                json_marks: if json && len > 0 { vec![base + len] } else { Vec::new() },
+                json_marks: if json && len > 0 {
+                    vec![base + len]
+                } else {
+                    Vec::new()
+                },
             }),
             signal,
         });
@@ -1106,7 +1318,15 @@ impl Engine for FileEngine {
             requested_expiry: req.expiry.clone(),
             closed: req.closed,
             now_ms: now,
-            fork: req.fork.as_ref().zip(source.as_ref()).map(|(spec, src)| ForkRec { source_id: src.id, fork_offset: base, spec: spec.clone() }),
+            fork: req
+                .fork
+                .as_ref()
+                .zip(source.as_ref())
+                .map(|(spec, src)| ForkRec {
+                    source_id: src.id,
+                    fork_offset: base,
+                    spec: spec.clone(),
+                }),
             data,
         });
         let raced = {
@@ -1115,7 +1335,9 @@ impl Engine for FileEngine {
                 Some(existing) => {
                     // Lost a race with a concurrent create of the same path.
                     let st = existing.state.lock();
-                    let ok = !st.soft_deleted && !is_expired(&st, now) && same_config(&existing, &st, &req);
+                    let ok = !st.soft_deleted
+                        && !is_expired(&st, now)
+                        && same_config(&existing, &st, &req);
                     drop(st);
                     if !ok {
                         return Err(StorageError::ConfigMismatch);
@@ -1156,7 +1378,12 @@ impl Engine for FileEngine {
         let s = inner.live(path).await?;
         inner.check_writable()?;
         enum Next {
-            Wait(oneshot::Receiver<Result<(), StorageError>>, u64, bool, Option<(u64, u64)>),
+            Wait(
+                oneshot::Receiver<Result<(), StorageError>>,
+                u64,
+                bool,
+                Option<(u64, u64)>,
+            ),
             Dup(u64, u64),
             AlreadyClosed,
         }
@@ -1179,12 +1406,19 @@ impl Engine for FileEngine {
                 }
                 Decision::Apply => {
                     let accepted = st.w.apply(&req);
-                    let data: Vec<Bytes> = req.records.into_iter().filter(|r| !r.is_empty()).collect();
+                    let data: Vec<Bytes> =
+                        req.records.into_iter().filter(|r| !r.is_empty()).collect();
                     let len: u64 = data.iter().map(|b| b.len() as u64).sum();
                     let start = st.tail;
                     st.tail += len;
                     st.last_access_ms = now;
-                    if s.json && len > 0 && st.json_marks.last().is_none_or(|m| st.tail - m >= JSON_MARK_SPACING) {
+                    if s.json
+                        && len > 0
+                        && st
+                            .json_marks
+                            .last()
+                            .is_none_or(|m| st.tail - m >= JSON_MARK_SPACING)
+                    {
                         let end = st.tail;
                         st.json_marks.push(end);
                     }
@@ -1201,7 +1435,8 @@ impl Engine for FileEngine {
                     let closed = st.w.closed;
                     // Queued while the stream's lock is held: WAL order is
                     // validation order (invariant 3).
-                    let rx = inner.submit(record, Some(s.clone()), Publish::Tail { tail, closed })?;
+                    let rx =
+                        inner.submit(record, Some(s.clone()), Publish::Tail { tail, closed })?;
                     Next::Wait(rx, tail, closed, accepted)
                 }
             }
@@ -1219,7 +1454,11 @@ impl Engine for FileEngine {
                 // The original may still be in flight: answer once it is durable.
                 inner.barrier().await?;
                 let st = s.state.lock();
-                Ok(AppendOutcome::Duplicate { meta: s.meta(&st), epoch, seq })
+                Ok(AppendOutcome::Duplicate {
+                    meta: s.meta(&st),
+                    epoch,
+                    seq,
+                })
             }
             Next::AlreadyClosed => {
                 inner.barrier().await?;
@@ -1235,7 +1474,12 @@ impl Engine for FileEngine {
         Ok(s.meta(&st))
     }
 
-    async fn read(&self, path: &str, from: ReadFrom, max_bytes: usize) -> Result<ReadChunk, StorageError> {
+    async fn read(
+        &self,
+        path: &str,
+        from: ReadFrom,
+        max_bytes: usize,
+    ) -> Result<ReadChunk, StorageError> {
         let inner = self.inner.clone();
         let s = inner.live(path).await?;
         let meta = {
@@ -1338,13 +1582,20 @@ impl Engine for FileEngine {
         let (next, data) = if small {
             work()?
         } else {
-            tokio::task::spawn_blocking(work).await.map_err(|e| StorageError::Io(e.to_string()))??
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| StorageError::Io(e.to_string()))??
         };
         let mut meta = meta;
         if next != tail {
             meta.closed = meta.closed && next == tail;
         }
-        Ok(ReadChunk { meta, start: Offset(start), next: Offset(next), data })
+        Ok(ReadChunk {
+            meta,
+            start: Offset(start),
+            next: Offset(next),
+            data,
+        })
     }
 
     async fn delete(&self, path: &str) -> Result<(), StorageError> {
@@ -1394,12 +1645,36 @@ impl Engine for FileEngine {
     fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
         let st = &self.inner.stats;
         vec![
-            ("ds_wal_syncs_total", "WAL fdatasync calls (one per group commit)", st.wal_syncs.load(Ordering::Relaxed)),
-            ("ds_wal_records_total", "WAL records committed", st.records.load(Ordering::Relaxed)),
-            ("ds_checkpoints_total", "Checkpoints written", st.checkpoints.load(Ordering::Relaxed)),
-            ("ds_open_data_files", "Data files currently open", self.open_files() as u64),
-            ("ds_streams", "Addressable streams", self.inner.registry.read().len() as u64),
-            ("ds_store_failed", "1 once a write or sync failed (store refuses writes)", self.inner.poisoned_flag.load(Ordering::Acquire) as u64),
+            (
+                "ds_wal_syncs_total",
+                "WAL fdatasync calls (one per group commit)",
+                st.wal_syncs.load(Ordering::Relaxed),
+            ),
+            (
+                "ds_wal_records_total",
+                "WAL records committed",
+                st.records.load(Ordering::Relaxed),
+            ),
+            (
+                "ds_checkpoints_total",
+                "Checkpoints written",
+                st.checkpoints.load(Ordering::Relaxed),
+            ),
+            (
+                "ds_open_data_files",
+                "Data files currently open",
+                self.open_files() as u64,
+            ),
+            (
+                "ds_streams",
+                "Addressable streams",
+                self.inner.registry.read().len() as u64,
+            ),
+            (
+                "ds_store_failed",
+                "1 once a write or sync failed (store refuses writes)",
+                self.inner.poisoned_flag.load(Ordering::Acquire) as u64,
+            ),
         ]
     }
 

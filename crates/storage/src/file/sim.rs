@@ -83,7 +83,11 @@ impl SimVfs {
     /// of what was written past its synced length (a partially persisted write).
     pub fn crash(&self, torn: impl Fn(u64, usize) -> usize) -> SimVfs {
         let fs = self.fs.lock();
-        let mut out = Fs { dirs: fs.dirs.clone(), next_inode: fs.next_inode, ..Fs::default() };
+        let mut out = Fs {
+            dirs: fs.dirs.clone(),
+            next_inode: fs.next_inode,
+            ..Fs::default()
+        };
         for (path, ino) in &fs.durable_names {
             let node = &fs.inodes[ino];
             let mut data = node.synced.clone();
@@ -91,17 +95,29 @@ impl SimVfs {
                 let extra = torn(*ino, node.data.len() - data.len());
                 data.extend_from_slice(&node.data[node.synced.len()..node.synced.len() + extra]);
             }
-            out.inodes.insert(*ino, Inode { data: data.clone(), synced: data });
+            out.inodes.insert(
+                *ino,
+                Inode {
+                    data: data.clone(),
+                    synced: data,
+                },
+            );
             out.names.insert(path.clone(), *ino);
             out.durable_names.insert(path.clone(), *ino);
         }
-        SimVfs { fs: Arc::new(Mutex::new(out)), ..SimVfs::default() }
+        SimVfs {
+            fs: Arc::new(Mutex::new(out)),
+            ..SimVfs::default()
+        }
     }
 
     /// Total bytes currently stored (all files).
     pub fn used_bytes(&self) -> u64 {
         let fs = self.fs.lock();
-        fs.names.values().map(|i| fs.inodes[i].data.len() as u64).sum()
+        fs.names
+            .values()
+            .map(|i| fs.inodes[i].data.len() as u64)
+            .sum()
     }
 
     /// Paths of all files.
@@ -117,7 +133,11 @@ fn enospc() -> io::Error {
 impl VfsFile for SimFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let fs = self.fs.lock();
-        let data = &fs.inodes.get(&self.inode).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?.data;
+        let data = &fs
+            .inodes
+            .get(&self.inode)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?
+            .data;
         let start = (offset as usize).min(data.len());
         let n = buf.len().min(data.len() - start);
         buf[..n].copy_from_slice(&data[start..start + n]);
@@ -126,14 +146,25 @@ impl VfsFile for SimFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut fs = self.fs.lock();
         if let Some(limit) = *self.vfs_syncs.disk_bytes.lock() {
-            let used: u64 = fs.names.values().map(|i| fs.inodes[i].data.len() as u64).sum();
-            let cur = fs.inodes.get(&self.inode).map(|n| n.data.len() as u64).unwrap_or(0);
+            let used: u64 = fs
+                .names
+                .values()
+                .map(|i| fs.inodes[i].data.len() as u64)
+                .sum();
+            let cur = fs
+                .inodes
+                .get(&self.inode)
+                .map(|n| n.data.len() as u64)
+                .unwrap_or(0);
             let grow = (offset + buf.len() as u64).saturating_sub(cur);
             if used + grow > limit {
                 return Err(enospc());
             }
         }
-        let node = fs.inodes.get_mut(&self.inode).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let node = fs
+            .inodes
+            .get_mut(&self.inode)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         let end = offset as usize + buf.len();
         if node.data.len() < end {
             node.data.resize(end, 0);
@@ -154,13 +185,20 @@ impl VfsFile for SimFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut fs = self.fs.lock();
-        let node = fs.inodes.get_mut(&self.inode).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let node = fs
+            .inodes
+            .get_mut(&self.inode)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         node.data.resize(len as usize, 0);
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
         let fs = self.fs.lock();
-        Ok(fs.inodes.get(&self.inode).map(|n| n.data.len() as u64).unwrap_or(0))
+        Ok(fs
+            .inodes
+            .get(&self.inode)
+            .map(|n| n.data.len() as u64)
+            .unwrap_or(0))
     }
 }
 
@@ -182,15 +220,25 @@ impl Vfs for SimVfs {
             }
             None => return Err(io::Error::from(io::ErrorKind::NotFound)),
         };
-        Ok(Arc::new(SimFile { fs: self.fs.clone(), inode, vfs_syncs: self.counter.clone() }))
+        Ok(Arc::new(SimFile {
+            fs: self.fs.clone(),
+            inode,
+            vfs_syncs: self.counter.clone(),
+        }))
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut fs = self.fs.lock();
-        fs.names.remove(path).map(|_| ()).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+        fs.names
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut fs = self.fs.lock();
-        let ino = fs.names.remove(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let ino = fs
+            .names
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         fs.names.insert(to.to_path_buf(), ino);
         Ok(())
     }
@@ -213,7 +261,12 @@ impl Vfs for SimVfs {
         let mut fs = self.fs.lock();
         let in_dir = |p: &PathBuf| p.parent() == Some(path);
         fs.durable_names.retain(|p, _| !in_dir(p));
-        let current: Vec<(PathBuf, u64)> = fs.names.iter().filter(|(p, _)| in_dir(p)).map(|(p, i)| (p.clone(), *i)).collect();
+        let current: Vec<(PathBuf, u64)> = fs
+            .names
+            .iter()
+            .filter(|(p, _)| in_dir(p))
+            .map(|(p, i)| (p.clone(), *i))
+            .collect();
         fs.durable_names.extend(current);
         Ok(())
     }

@@ -78,7 +78,12 @@ impl Vfs for StdVfs {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn VfsFile>> {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
         Ok(Arc::new(StdFile(f)))
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -95,7 +100,9 @@ impl Vfs for StdVfs {
     }
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
         match std::fs::read_dir(path) {
-            Ok(rd) => rd.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect(),
+            Ok(rd) => rd
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
             Err(e) => Err(e),
         }
@@ -112,7 +119,12 @@ impl Vfs for StdVfs {
     }
 
     fn lock_dir(&self, dir: &Path) -> io::Result<()> {
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("LOCK"))?;
         match f.try_lock() {
             Ok(()) => {
                 self.locks.lock().push((dir.to_path_buf(), f));
