@@ -10,13 +10,14 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_durable-streams-server");
+mod support;
+use support::BIN;
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -30,81 +31,24 @@ struct ServerProc {
     exited: Option<ExitStatus>,
 }
 
-/// Removes ANSI escape sequences (CSI ... final byte), in case the logger colours its output.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for d in chars.by_ref() {
-                    if ('@'..='~').contains(&d) {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// The address of a `... listening addr=127.0.0.1:PORT ...` log line.
-fn parse_listen_line(line: &str) -> Option<SocketAddr> {
-    if !line.contains("listening") {
-        return None;
-    }
-    let rest = &line[line.find("addr=")? + "addr=".len()..];
-    let token = rest.split_whitespace().next()?.trim_matches('"');
-    token.parse().ok()
-}
-
 impl ServerProc {
     /// Starts `durable-streams-server dev --port 0 <args>` and waits for its listening line.
     fn start(args: &[&str]) -> ServerProc {
-        let mut child = Command::new(BIN)
-            .arg("dev")
-            .args(["--port", "0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the server binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
+        let sp = support::spawn(
+            ["dev", "--port", "0"]
+                .iter()
+                .copied()
+                .chain(args.iter().copied()),
+        );
+        let rx = sp.addr;
+        let log = sp.log;
         // The guard exists before anything can panic, so the child never leaks.
         let mut proc = ServerProc {
-            child,
+            child: sp.child,
             addr: ([0, 0, 0, 0], 0).into(),
-            log: log.clone(),
+            log,
             exited: None,
         };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining stderr for the whole life of the process so it never blocks on a full pipe.
-            let mut reader = BufReader::new(stderr);
-            let mut tx = Some(tx);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = strip_ansi(&String::from_utf8_lossy(&raw));
-                log.lock().unwrap().push_str(&line);
-                if let Some(addr) = parse_listen_line(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
         match rx.recv_timeout(Duration::from_secs(15)) {
             Ok(addr) => proc.addr = addr,
             Err(_) => panic!(

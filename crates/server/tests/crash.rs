@@ -31,15 +31,15 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_durable-streams-server");
+mod support;
+use std::ffi::OsStr;
 const PREFIX: &str = "/v1/stream/crash";
 const CT: &str = "text/plain";
 
@@ -54,61 +54,27 @@ struct ServerProc {
     log: Arc<Mutex<String>>,
 }
 
-/// The address of a `... listening addr=127.0.0.1:PORT ...` log line.
-fn parse_listen_line(line: &str) -> Option<SocketAddr> {
-    if !line.contains("listening") {
-        return None;
-    }
-    let rest = &line[line.find("addr=")? + "addr=".len()..];
-    let token = rest.split_whitespace().next()?.trim_matches('"');
-    token.parse().ok()
-}
-
 impl ServerProc {
     /// Starts `dev --port 0 --data-dir DIR` (the OS picks a free port) and
     /// learns the address from the listening log line.
     fn start(dir: &Path, checkpoint_interval: &str) -> ServerProc {
-        let mut child = Command::new(BIN)
-            .arg("dev")
-            .args(["--host", "127.0.0.1", "--port", "0"])
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--checkpoint-interval", checkpoint_interval])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the server binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
+        let sp = support::spawn([
+            OsStr::new("dev"),
+            OsStr::new("--host"),
+            OsStr::new("127.0.0.1"),
+            OsStr::new("--port"),
+            OsStr::new("0"),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+            OsStr::new("--checkpoint-interval"),
+            OsStr::new(checkpoint_interval),
+        ]);
+        let rx = sp.addr;
         let mut proc = ServerProc {
-            child: Some(child),
+            child: Some(sp.child),
             addr: ([127, 0, 0, 1], 0).into(),
-            log: log.clone(),
+            log: sp.log,
         };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Drain stderr for the life of the process so it never blocks on a full pipe.
-            let mut reader = BufReader::new(stderr);
-            let mut tx = Some(tx);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = String::from_utf8_lossy(&raw).into_owned();
-                log.lock().unwrap().push_str(&line);
-                if let Some(addr) = parse_listen_line(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => proc.addr = addr,
             Err(_) => panic!(

@@ -27,15 +27,16 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_durable-streams-server");
+mod support;
+use std::ffi::OsStr;
 const PREFIX: &str = "/v1/stream";
 /// Generous bound for anything that should happen "soon" (a wake, a lease
 /// expiry of 1 s, a retry of at most ~2.4 s, a restart).
@@ -52,84 +53,25 @@ struct Server {
     log: Arc<Mutex<String>>,
 }
 
-/// Removes ANSI colour sequences (in case the log is coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// The address of a `... listening addr=127.0.0.1:PORT ...` log line.
-fn parse_listen_line(line: &str) -> Option<SocketAddr> {
-    if !line.contains("listening") {
-        return None;
-    }
-    let rest = &line[line.find("addr=")? + "addr=".len()..];
-    rest.split_whitespace()
-        .next()?
-        .trim_matches('"')
-        .parse()
-        .ok()
-}
-
 impl Server {
     /// Starts `dev --port PORT --data-dir DIR` (PORT 0: the OS picks one)
     /// and learns the address from the listening log line.
     fn spawn(dir: &Path, port: u16) -> Result<Server, String> {
-        let mut child = Command::new(BIN)
-            .arg("dev")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the server binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            // Drain stderr for the life of the process so it never blocks.
-            let mut reader = BufReader::new(stderr);
-            let mut tx = Some(tx);
-            let mut raw = Vec::new();
-            loop {
-                raw.clear();
-                match reader.read_until(b'\n', &mut raw) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let line = strip_ansi(&String::from_utf8_lossy(&raw));
-                log2.lock().unwrap().push_str(&line);
-                if let Some(addr) = parse_listen_line(&line) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
+        let port = port.to_string();
+        let sp = support::spawn([
+            OsStr::new("dev"),
+            OsStr::new("--host"),
+            OsStr::new("127.0.0.1"),
+            OsStr::new("--port"),
+            OsStr::new(&port),
+            OsStr::new("--data-dir"),
+            dir.as_os_str(),
+        ]);
+        let rx = sp.addr;
         let mut server = Server {
-            child: Some(child),
+            child: Some(sp.child),
             addr: ([127, 0, 0, 1], 0).into(),
-            log,
+            log: sp.log,
         };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(addr) => {

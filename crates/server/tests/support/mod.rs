@@ -1,0 +1,99 @@
+//! Shared by the tests that run the real `durable-streams-server` binary:
+//! spawning it with its stderr drained, and learning its address from the
+//! `listening addr=...` log line.
+#![allow(dead_code)] // each test file uses a subset
+
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_durable-streams-server");
+
+/// Removes ANSI escape sequences (CSI ... final byte), in case the logger colours its output.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The address of a `... listening addr=127.0.0.1:PORT ...` log line.
+pub fn parse_listen_line(line: &str) -> Option<SocketAddr> {
+    if !line.contains("listening") {
+        return None;
+    }
+    let rest = &line[line.find("addr=")? + "addr=".len()..];
+    let token = rest.split_whitespace().next()?.trim_matches('"');
+    token.parse().ok()
+}
+
+/// A just-spawned server: the child, everything it logged so far, and a
+/// channel that yields its address once it logs the listening line.
+pub struct Spawned {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+    pub addr: mpsc::Receiver<SocketAddr>,
+}
+
+/// Spawns the binary with `args` (the subcommand included). A thread keeps
+/// draining stderr for the life of the process so it never blocks on a
+/// full pipe. The caller wraps `child` in its kill-on-drop guard before
+/// waiting on `addr`, so a failed start never leaks the process.
+pub fn spawn<I, S>(args: I) -> Spawned
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the server binary");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stderr);
+        let mut tx = Some(tx);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let line = strip_ansi(&String::from_utf8_lossy(&raw));
+            sink.lock().unwrap().push_str(&line);
+            if let Some(addr) = parse_listen_line(&line) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+        }
+    });
+    Spawned {
+        child,
+        log,
+        addr: rx,
+    }
+}
