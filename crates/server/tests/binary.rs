@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::Bytes;
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
