@@ -235,10 +235,15 @@ async fn append(
                 "Content-Type is required when appending data",
             ));
         };
-        let meta = state.engine.head(path).await?;
-        // On a closed stream the engine answers (409, or 204 for a producer
-        // retry of the closing append) without looking at the data.
-        let json_mode = meta.json && parse::is_json(ct) && !meta.closed;
+        // Only a JSON body can need message framing, so only then is the
+        // stream's mode looked up (a non-JSON body on a JSON stream is a
+        // content-type mismatch the engine reports). On a closed stream the
+        // engine answers (409, or 204 for a producer retry of the closing
+        // append) without looking at the data.
+        let json_mode = parse::is_json(ct) && {
+            let meta = state.engine.head(path).await?;
+            meta.json && !meta.closed
+        };
         frame_body(&body, json_mode, false)?
     };
     let has_data = !records.is_empty();

@@ -323,9 +323,8 @@ impl MemoryEngine {
         }
     }
 
-    fn touch(&self, s: &Stream, st: &mut State) {
+    fn touch(&self, st: &mut State) {
         st.last_access_ms = self.clock.now_ms();
-        let _ = s;
     }
 
     fn new_stream(
@@ -521,7 +520,7 @@ impl Engine for MemoryEngine {
         match st.w.decide(&s.content_type, st.tail, &req)? {
             Decision::Apply => {}
             Decision::Duplicate { epoch, seq } => {
-                self.touch(&s, &mut st);
+                self.touch(&mut st);
                 return Ok(AppendOutcome::Duplicate {
                     meta: s.meta_locked(&st),
                     epoch,
@@ -529,7 +528,7 @@ impl Engine for MemoryEngine {
                 });
             }
             Decision::AlreadyClosed => {
-                self.touch(&s, &mut st);
+                self.touch(&mut st);
                 return Ok(AppendOutcome::AlreadyClosed {
                     meta: s.meta_locked(&st),
                 });
@@ -544,7 +543,7 @@ impl Engine for MemoryEngine {
                 st.records.push((start, r));
             }
         }
-        self.touch(&s, &mut st);
+        self.touch(&mut st);
         s.publish(&st);
         Ok(AppendOutcome::Applied {
             meta: s.meta_locked(&st),
@@ -567,7 +566,7 @@ impl Engine for MemoryEngine {
         let s = self.live(path)?;
         let tail = {
             let mut st = s.state.lock();
-            self.touch(&s, &mut st);
+            self.touch(&mut st);
             st.tail
         };
         let start = match from {
