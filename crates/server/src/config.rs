@@ -31,6 +31,18 @@ pub struct ServerConfig {
     /// How long an idempotent producer's out-of-order request waits for its
     /// predecessor before the 409 sequence-gap answer (0 disables).
     pub producer_reorder_wait: Duration,
+    /// Authentication and authorisation (off by default).
+    pub auth: crate::auth::AuthConfig,
+    /// Compression of catch-up and long-poll bodies.
+    pub compression: crate::compression::CompressionConfig,
+    /// Rate limiting per token or client address (off by default).
+    pub rate_limit: crate::ratelimit::RateLimitConfig,
+    /// Origins allowed by CORS (`*` = any).
+    pub cors_allowed_origins: Vec<String>,
+    /// The server's public base URL (e.g. `https://streams.example.com`),
+    /// used where the server hands out URLs of its own (subscription
+    /// callbacks, JWKS). Without it the request's Host over http is used.
+    pub public_url: Option<String>,
 }
 
 /// Longest stream path accepted, in bytes after percent-decoding.
@@ -54,6 +66,11 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
             producer_reorder_wait: Duration::from_millis(20),
+            auth: Default::default(),
+            compression: Default::default(),
+            rate_limit: Default::default(),
+            cors_allowed_origins: vec!["*".into()],
+            public_url: None,
         }
     }
 }

@@ -11,12 +11,15 @@
 //! To mount the protocol inside an existing axum application, use
 //! [`Server::router`] and `Router::merge` it.
 
+pub mod auth;
+pub mod compression;
 pub mod config;
 pub mod error;
 pub mod handlers;
 pub mod layers;
 pub mod live;
 pub mod metrics;
+pub mod ratelimit;
 pub mod request;
 pub mod state;
 pub mod subscriptions;
@@ -37,6 +40,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+
+/// The TCP peer of a connection, inserted into every request's extensions
+/// by [`Server::run`] (absent when the router is mounted elsewhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// Builds a [`Server`].
 #[derive(Debug, Default)]
@@ -129,15 +137,31 @@ impl Server {
 
     /// The protocol as an axum router: `GET /healthz` and every stream
     /// operation under the path prefix, with CORS and security headers.
+    ///
+    /// Layers, outermost first: response policy (CORS preflight, security
+    /// headers, logging), authentication, rate limiting, compression. A
+    /// feature that is switched off is not installed at all, so it costs
+    /// nothing per request.
     pub fn router(&self) -> Router {
         let state = self.state.clone();
-        Router::new()
+        let cfg = &state.config;
+        #[allow(unused_mut)] // until the layers below land
+        let mut router = Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/metrics", get(metrics_handler))
             .route("/readyz", get(readyz_handler))
             .fallback(dispatch)
-            .with_state(state)
-            .layer(axum::middleware::from_fn(layers::policy))
+            .with_state(state.clone());
+        if cfg.compression.enabled() {
+            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), compression::layer));
+        }
+        if cfg.rate_limit.enabled() {
+            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::layer));
+        }
+        if cfg.auth.enabled() {
+            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer));
+        }
+        router.layer(axum::middleware::from_fn(layers::policy))
     }
 
     /// Serves connections from `listener` until `shutdown` resolves, then
@@ -172,7 +196,7 @@ impl Server {
                 p = conn_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = &mut shutdown => break,
             };
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(s) => s,
                     Err(e) => {
@@ -185,7 +209,18 @@ impl Server {
                 _ = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            // The client address, for rate limiting and logs.
+            let app = app.clone();
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    let mut app = app.clone();
+                    async move {
+                        use tower::Service;
+                        app.call(req.map(axum::body::Body::new)).await
+                    }
+                },
+            );
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .into_owned();
