@@ -13,6 +13,9 @@
 #   CONFORMANCE_FILTER=pattern   only run tests whose full name matches (vitest -t)
 #   CONFORMANCE_VERBOSE=1        list every test, not just failures
 #   CONFORMANCE_STARTUP_TIMEOUT  seconds to wait for /healthz (default 20)
+#   CONFORMANCE_TLS=1            serve over TLS with a throwaway test CA
+#                                (scripts/test-cert.sh); Node trusts it via
+#                                NODE_EXTRA_CA_CERTS
 #
 # Outputs: target/conformance/report.json (vitest JSON report) and
 # target/conformance/server.log (server stdout+stderr).
@@ -61,6 +64,17 @@ fi
 
 PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()')"
 BASE_URL="http://127.0.0.1:$PORT"
+tls_args=()
+curl_tls=()
+if [[ "${CONFORMANCE_TLS:-0}" == "1" ]]; then
+  cert_dir="$OUT_DIR/tls"
+  rm -rf "$cert_dir"
+  bash "$ROOT/scripts/test-cert.sh" "$cert_dir"
+  BASE_URL="https://localhost:$PORT"
+  tls_args=(--tls-cert "$cert_dir/server.pem" --tls-key "$cert_dir/server.key")
+  curl_tls=(--cacert "$cert_dir/ca.pem")
+  export NODE_EXTRA_CA_CERTS="$cert_dir/ca.pem"
+fi
 
 SERVER_PID=""
 cleanup() {
@@ -79,12 +93,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 log "starting server on $BASE_URL (log: $SERVER_LOG)"
-"${server_cmd[@]}" dev --host 127.0.0.1 --port "$PORT" --long-poll-timeout "$LONG_POLL_TIMEOUT" "$@" \
+"${server_cmd[@]}" dev --host 127.0.0.1 --port "$PORT" --long-poll-timeout "$LONG_POLL_TIMEOUT" ${tls_args[@]+"${tls_args[@]}"} "$@" \
   >"$SERVER_LOG" 2>&1 </dev/null &
 SERVER_PID=$!
 
 deadline=$((SECONDS + STARTUP_TIMEOUT))
-until [[ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$BASE_URL/healthz" 2>/dev/null || true)" == "200" ]]; do
+until [[ "$(curl -s ${curl_tls[@]+"${curl_tls[@]}"} -o /dev/null -w '%{http_code}' --max-time 2 "$BASE_URL/healthz" 2>/dev/null || true)" == "200" ]]; do
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     log "server exited before becoming healthy; last lines of $SERVER_LOG:"
     tail -n 40 "$SERVER_LOG" >&2 || true
