@@ -765,6 +765,15 @@ struct ForwardAuth {
     principal_header: HeaderName,
 }
 
+/// `X-DS-Path` is the decoded stream path re-encoded so that it is ASCII:
+/// controls, space, `%` and non-ASCII are percent-encoded, `/` is kept.
+const DS_PATH_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'%')
+    .add(b'"')
+    .add(b'?')
+    .add(b'#');
+
 /// What the backend is told about one decision.
 struct ForwardQuery<'a> {
     method: &'a str,
@@ -837,7 +846,10 @@ impl ForwardAuth {
             .get(&self.url)
             .header("x-forwarded-method", q.method)
             .header("x-forwarded-uri", q.uri)
-            .header("x-ds-path", q.resource);
+            .header(
+                "x-ds-path",
+                percent_encoding::utf8_percent_encode(q.resource, DS_PATH_ENCODE).to_string(),
+            );
         if let Some(op) = q.op {
             req = req.header("x-ds-operation", op.as_str());
         }
@@ -1390,7 +1402,9 @@ pub async fn layer(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> R
             }
         }
     }
-    if cred.is_none() && !has_authz && auth.query_token {
+    // URL tokens are JWTs only, so they need [auth.jwt]; otherwise the
+    // parameter is just removed.
+    if cred.is_none() && !has_authz && auth.query_token && auth.jwt.is_some() {
         if let Some(t) = query_token {
             if !reading {
                 return auth.unauthorized(
@@ -1432,7 +1446,9 @@ pub async fn layer(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> R
             }
             match found {
                 Some(id) => Some(id),
-                None if source == Source::Header && auth.forward.is_some() => None,
+                // Header and cookie credentials we do not know may be the
+                // forward-auth backend's; URL tokens are ours or nothing.
+                None if source != Source::Query && auth.forward.is_some() => None,
                 None => {
                     return auth.unauthorized(
                         Some("unknown token"),

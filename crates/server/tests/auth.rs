@@ -416,6 +416,7 @@ async fn jwks_file_selects_key_by_kid() {
 struct Backend {
     calls: AtomicUsize,
     last_uri: Mutex<String>,
+    last_path: Mutex<String>,
 }
 
 /// Decides like a real backend would: "Bearer fa-good" may use orders/,
@@ -430,6 +431,7 @@ async fn backend(State(b): State<Arc<Backend>>, headers: HeaderMap) -> axum::res
             .to_owned()
     };
     *b.last_uri.lock().unwrap() = h("x-forwarded-uri");
+    *b.last_path.lock().unwrap() = h("x-ds-path");
     match h("authorization").as_str() {
         "Bearer fa-good" if h("x-ds-path").starts_with("orders/") => {
             ([("x-auth-user", "carol")], "ok").into_response()
@@ -461,7 +463,9 @@ fn forward_config(url: String) -> AuthConfig {
     AuthConfig {
         forward: Some(ForwardAuthConfig {
             url,
-            timeout: Duration::from_millis(300),
+            // Generous, so a loaded machine never turns an allow into a 503;
+            // the slow backend sleeps far longer.
+            timeout: Duration::from_secs(2),
             ..Default::default()
         }),
         ..Default::default()
@@ -476,6 +480,15 @@ async fn forward_auth_decisions() {
     let s = start(forward_config(url)).await;
     assert_eq!(status(&s, M::PUT, "orders/a", Some("fa-good")).await, 201);
     assert_eq!(status(&s, M::PUT, "users/a", Some("fa-good")).await, 403);
+    assert_eq!(
+        status(&s, M::PUT, "orders/caf%C3%A9", Some("fa-good")).await,
+        201
+    );
+    assert_eq!(
+        b.last_path.lock().unwrap().as_str(),
+        "orders/caf%C3%A9",
+        "X-DS-Path is percent-encoded"
+    );
     let r = send(&s, M::PUT, "orders/b", Some("fa-unknown")).await;
     assert_eq!(r.status(), 401);
     assert!(challenge(&r).starts_with("Bearer realm="));
