@@ -159,7 +159,9 @@ impl Server {
             // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::layer));
         }
         if cfg.auth.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer));
+            // Keys parsed and clients built once here, not per request.
+            let auth = auth::Auth::for_router(&cfg.auth, &cfg.path_prefix);
+            router = router.layer(axum::middleware::from_fn_with_state(auth, auth::layer));
         }
         router.layer(axum::middleware::from_fn(layers::policy))
     }
