@@ -63,23 +63,69 @@ pub struct Control {
 
 /// Encodes one `event: control` frame.
 pub fn control_event(c: &Control) -> Vec<u8> {
-    let mut obj = serde_json::Map::new();
-    obj.insert("streamNextOffset".into(), c.next_offset.clone().into());
-    if let Some(cursor) = &c.cursor {
-        obj.insert("streamCursor".into(), cursor.clone().into());
-    }
-    if c.up_to_date || c.closed {
-        obj.insert("upToDate".into(), true.into());
-    }
-    if c.closed {
-        obj.insert("streamClosed".into(), true.into());
-    }
-    let json = serde_json::Value::Object(obj).to_string();
-    let mut out = Vec::with_capacity(json.len() + 32);
-    out.extend_from_slice(b"event: control\ndata:");
-    out.extend_from_slice(json.as_bytes());
-    out.extend_from_slice(b"\n\n");
+    let mut out = Vec::with_capacity(128);
+    write_control_event(
+        &mut out,
+        &c.next_offset,
+        c.cursor.as_deref(),
+        c.up_to_date,
+        c.closed,
+    );
     out
+}
+
+/// Appends one `event: control` frame to `out` without building a JSON
+/// value (live readers write one per delivery). Keys come in sorted order,
+/// the order a `serde_json::Map` gives them.
+pub fn write_control_event(
+    out: &mut Vec<u8>,
+    next_offset: &str,
+    cursor: Option<&str>,
+    up_to_date: bool,
+    closed: bool,
+) {
+    write_control_head(out, cursor, closed);
+    write_control_tail(out, next_offset, up_to_date, closed);
+}
+
+/// The part of a control event before `streamNextOffset`: what stays the
+/// same for one connection, so a live reader can write it once.
+pub fn write_control_head(out: &mut Vec<u8>, cursor: Option<&str>, closed: bool) {
+    out.extend_from_slice(b"event: control\ndata:{");
+    if closed {
+        out.extend_from_slice(b"\"streamClosed\":true,");
+    }
+    if let Some(cursor) = cursor {
+        out.extend_from_slice(b"\"streamCursor\":");
+        write_json_str(out, cursor);
+        out.push(b',');
+    }
+}
+
+/// The rest of a control event from `streamNextOffset` on: the same for
+/// every reader of one read, whatever its cursor.
+pub fn write_control_tail(out: &mut Vec<u8>, next_offset: &str, up_to_date: bool, closed: bool) {
+    out.extend_from_slice(b"\"streamNextOffset\":");
+    write_json_str(out, next_offset);
+    if up_to_date || closed {
+        out.extend_from_slice(b",\"upToDate\":true");
+    }
+    out.extend_from_slice(b"}\n\n");
+}
+
+fn write_json_str(out: &mut Vec<u8>, s: &str) {
+    // Offsets and cursors are plain ASCII; anything else goes through
+    // serde_json's escaping.
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        // Writing to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    }
 }
 
 #[cfg(test)]
@@ -138,6 +184,43 @@ mod tests {
             v,
             serde_json::json!({"streamNextOffset":"1","upToDate":true,"streamClosed":true})
         );
+    }
+
+    /// The hand-written control encoder gives the same bytes as a
+    /// `serde_json::Map`, including cursors that need escaping.
+    #[test]
+    fn control_matches_json_map() {
+        for cursor in [None, Some("123"), Some("a\"b\\c\u{1}é")] {
+            for (up, closed) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut obj = serde_json::Map::new();
+                obj.insert(
+                    "streamNextOffset".into(),
+                    "0000000000000000_0000000000000042".into(),
+                );
+                if let Some(c) = cursor {
+                    obj.insert("streamCursor".into(), c.into());
+                }
+                if up || closed {
+                    obj.insert("upToDate".into(), true.into());
+                }
+                if closed {
+                    obj.insert("streamClosed".into(), true.into());
+                }
+                let want = format!(
+                    "event: control\ndata:{}\n\n",
+                    serde_json::Value::Object(obj)
+                );
+                let mut got = Vec::new();
+                write_control_event(
+                    &mut got,
+                    "0000000000000000_0000000000000042",
+                    cursor,
+                    up,
+                    closed,
+                );
+                assert_eq!(String::from_utf8(got).expect("UTF-8"), want);
+            }
+        }
     }
 
     proptest! {

@@ -21,6 +21,7 @@ pub mod live;
 pub mod metrics;
 pub mod ratelimit;
 pub mod request;
+pub mod sse_cache;
 pub mod state;
 pub mod subscriptions;
 mod subscriptions_http;

@@ -4,18 +4,21 @@
 
 use crate::error::ApiError;
 use crate::handlers::{chunk_closed, chunk_response, read_from};
+use crate::sse_cache::{Delivery, Key};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use durable_streams_protocol::{cursor, headers as h, parse, sse, OffsetParam};
-use durable_streams_storage::{ReadChunk, ReadFrom, Signal, StreamMeta};
+use durable_streams_protocol::{cursor, headers as h, parse, sse, Offset, OffsetParam};
+use durable_streams_storage::{ReadChunk, ReadFrom, Signal, StorageError, StreamMeta};
 use rand::Rng;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 /// The cursor for a live response (PROTOCOL.md 10.1).
 pub fn cursor_for(state: &AppState, client: Option<&str>) -> String {
@@ -36,7 +39,11 @@ pub fn cursor_for(state: &AppState, client: Option<&str>) -> String {
 /// When a waiter must wake at the latest: its own deadline, or the moment
 /// the stream expires (so it can answer 404 at once).
 fn wake_at(deadline: Instant, meta: &StreamMeta) -> Instant {
-    let Some(exp_ms) = meta.expires_at_ms else {
+    wake_at_ms(deadline, meta.expires_at_ms)
+}
+
+fn wake_at_ms(deadline: Instant, expires_at_ms: Option<u64>) -> Instant {
+    let Some(exp_ms) = expires_at_ms else {
         return deadline;
     };
     let now_ms = SystemTime::now()
@@ -48,8 +55,8 @@ fn wake_at(deadline: Instant, meta: &StreamMeta) -> Instant {
 }
 
 enum Wake {
-    /// New data or closure past `from`.
-    Changed,
+    /// New data or closure past `from`; the signal that showed it.
+    Changed(Signal),
     /// Deadline, expiry time or shutdown.
     Timeout,
     /// The stream was deleted.
@@ -62,6 +69,20 @@ async fn wait_past(
     from: u64,
     until: Instant,
 ) -> Wake {
+    let sleep = tokio::time::sleep_until(until);
+    let shutdown = state.shutdown.clone().cancelled_owned();
+    tokio::pin!(sleep, shutdown);
+    wait_past_with(rx, from, sleep, shutdown).await
+}
+
+/// `wait_past` with the timer and the shutdown waiter owned by the caller,
+/// so an SSE connection registers them once instead of on every wait.
+async fn wait_past_with(
+    rx: &mut watch::Receiver<Signal>,
+    from: u64,
+    mut sleep: Pin<&mut Sleep>,
+    mut shutdown: Pin<&mut WaitForCancellationFutureOwned>,
+) -> Wake {
     loop {
         {
             let s = *rx.borrow_and_update();
@@ -69,13 +90,16 @@ async fn wait_past(
                 return Wake::Gone;
             }
             if s.tail.0 > from || s.closed {
-                return Wake::Changed;
+                return Wake::Changed(s);
             }
         }
+        // Biased: a woken reader finds its change first and skips polling
+        // the timer and the shutdown waiter.
         tokio::select! {
+            biased;
             r = rx.changed() => if r.is_err() { return Wake::Gone },
-            _ = tokio::time::sleep_until(until) => return Wake::Timeout,
-            _ = state.shutdown.cancelled() => return Wake::Timeout,
+            _ = shutdown.as_mut() => return Wake::Timeout,
+            _ = sleep.as_mut() => return Wake::Timeout,
         }
     }
 }
@@ -136,7 +160,7 @@ pub async fn long_poll(
     let until = wake_at(Instant::now() + state.config.long_poll_timeout, &chunk.meta);
     match wait_past(state, &mut rx, from.0, until).await {
         Wake::Gone => return Err(ApiError::NotFound),
-        Wake::Changed | Wake::Timeout => {}
+        Wake::Changed(_) | Wake::Timeout => {}
     }
     let chunk = state
         .engine
@@ -162,14 +186,75 @@ fn payload(chunk: &ReadChunk) -> Vec<u8> {
     }
 }
 
-fn control(chunk: &ReadChunk, cursor: &str) -> Vec<u8> {
+/// A read, encoded for SSE.
+fn delivery(chunk: &ReadChunk, base64: bool) -> Delivery {
     let closed = chunk_closed(chunk);
-    sse::control_event(&sse::Control {
-        next_offset: chunk.next.to_string(),
-        cursor: (!closed).then(|| cursor.to_owned()),
+    let mut control_tail = Vec::with_capacity(64);
+    sse::write_control_tail(
+        &mut control_tail,
+        &chunk.next.to_string(),
+        chunk.up_to_date(),
+        closed,
+    );
+    Delivery {
+        data_event: (!chunk.is_empty())
+            .then(|| Bytes::from(sse::data_event(&payload(chunk), base64))),
+        next: chunk.next,
+        control_tail,
         up_to_date: chunk.up_to_date(),
         closed,
-    })
+        expires_at_ms: chunk.meta.expires_at_ms,
+    }
+}
+
+/// The start of one connection's control events, written once: with its
+/// cursor while the stream is open, without once it is closed.
+struct ControlHeads {
+    open: Vec<u8>,
+    closed: Vec<u8>,
+}
+
+impl ControlHeads {
+    fn new(cursor: &str) -> Self {
+        let mut open = Vec::new();
+        sse::write_control_head(&mut open, Some(cursor), false);
+        let mut closed = Vec::new();
+        sse::write_control_head(&mut closed, None, true);
+        ControlHeads { open, closed }
+    }
+
+    /// A buffer holding `data` (if any) and the control event of `d`.
+    fn frame(&self, data: Option<&[u8]>, d: &Delivery) -> Bytes {
+        let head = if d.closed { &self.closed } else { &self.open };
+        let data = data.unwrap_or_default();
+        let mut buf = Vec::with_capacity(data.len() + head.len() + d.control_tail.len());
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(head);
+        buf.extend_from_slice(&d.control_tail);
+        Bytes::from(buf)
+    }
+}
+/// Data events up to this size are copied into one buffer with their
+/// control event (one body frame); larger ones go out as their own frame.
+const COPY_DATA_EVENT_BYTES: usize = 16 * 1024;
+
+/// A read for an SSE reader; refuses data of another incarnation of the
+/// path (the stream was deleted and re-created under the reader).
+async fn read_delivery(
+    state: &AppState,
+    path: &str,
+    from: Offset,
+    incarnation: u64,
+    base64: bool,
+) -> Result<Delivery, StorageError> {
+    let chunk = state
+        .engine
+        .read(path, ReadFrom::At(from), state.config.read_chunk_bytes)
+        .await?;
+    if chunk.meta.incarnation != incarnation {
+        return Err(StorageError::NotFound);
+    }
+    Ok(delivery(&chunk, base64))
 }
 
 pub async fn sse(
@@ -185,47 +270,82 @@ pub async fn sse(
         .await?;
     let slot = state.admit_live_reader(path)?;
     let base64 = !parse::is_sse_text(&first.meta.content_type);
-    let cursor = cursor_for(state, client_cursor);
+    let incarnation = first.meta.incarnation;
+    let heads = ControlHeads::new(&cursor_for(state, client_cursor));
     let deadline = Instant::now() + state.config.sse_reconnect_interval;
     let state = state.clone();
     let path = path.to_owned();
+    let first = Arc::new(delivery(&first, base64));
 
     let events = async_stream::stream! {
+        let share = slot.share().clone();
         let _slot = slot;
-        let mut chunk = first;
+        // Registered once for the whole connection (see `wait_past_with`).
+        let sleep = tokio::time::sleep_until(wake_at_ms(deadline, first.expires_at_ms));
+        let shutdown = state.shutdown.clone().cancelled_owned();
+        tokio::pin!(sleep, shutdown);
+        let mut d = first;
         let mut announced_up_to_date = false;
         loop {
-            let offset = chunk.next;
-            if !chunk.is_empty() {
+            if let Some(data) = &d.data_event {
                 // A data event and its control event go out in one write.
-                let mut buf = sse::data_event(&payload(&chunk), base64);
-                buf.extend_from_slice(&control(&chunk, &cursor));
-                yield Ok::<Bytes, std::convert::Infallible>(Bytes::from(buf));
-                if chunk_closed(&chunk) {
+                if data.len() <= COPY_DATA_EVENT_BYTES {
+                    yield Ok::<Bytes, std::convert::Infallible>(heads.frame(Some(data), &d));
+                } else {
+                    yield Ok(data.clone());
+                    yield Ok(heads.frame(None, &d));
+                }
+                if d.closed {
                     return;
                 }
-                announced_up_to_date = chunk.up_to_date();
+                announced_up_to_date = d.up_to_date;
             } else {
-                if chunk_closed(&chunk) {
-                    yield Ok(Bytes::from(control(&chunk, &cursor)));
-                    return;
-                }
-                if !announced_up_to_date {
-                    yield Ok(Bytes::from(control(&chunk, &cursor)));
+                if d.closed || !announced_up_to_date {
+                    yield Ok(heads.frame(None, &d));
+                    if d.closed {
+                        return;
+                    }
                     announced_up_to_date = true;
-                }
-                let until = wake_at(deadline, &chunk.meta);
-                match wait_past(&state, &mut rx, offset.0, until).await {
-                    Wake::Changed => {}
-                    Wake::Timeout if Instant::now() < deadline && !state.shutdown.is_cancelled() => {}
-                    Wake::Timeout | Wake::Gone => return,
                 }
             }
             if Instant::now() >= deadline || state.shutdown.is_cancelled() {
                 return;
             }
-            chunk = match state.engine.read(&path, ReadFrom::At(offset), state.config.read_chunk_bytes).await {
-                Ok(c) => c,
+            let offset = d.next;
+            let read = if !d.up_to_date {
+                // Catching up: more data is already there.
+                read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
+            } else {
+                let until = wake_at_ms(deadline, d.expires_at_ms);
+                if sleep.deadline() != until {
+                    sleep.as_mut().reset(until);
+                }
+                match wait_past_with(&mut rx, offset.0, sleep.as_mut(), shutdown.as_mut()).await {
+                    Wake::Changed(signal) if share.shared() => {
+                        // Readers woken by the same signal at the same
+                        // offset share one read and one encoding.
+                        let key = Key {
+                            incarnation,
+                            from: offset.0,
+                            tail: signal.tail.0,
+                            closed: signal.closed,
+                        };
+                        share
+                            .get_or_read(key, || read_delivery(&state, &path, offset, incarnation, base64))
+                            .await
+                    }
+                    Wake::Changed(_) => {
+                        read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
+                    }
+                    // Woken by expiry: the read answers whether it is gone.
+                    Wake::Timeout if Instant::now() < deadline && !state.shutdown.is_cancelled() => {
+                        read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
+                    }
+                    Wake::Timeout | Wake::Gone => return,
+                }
+            };
+            d = match read {
+                Ok(d) => d,
                 Err(_) => return,
             };
         }

@@ -1,5 +1,6 @@
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::sse_cache::{Budget, StreamShare};
 use durable_streams_storage::Engine;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -45,7 +46,10 @@ pub struct AppState {
     /// Cancelled when the server shuts down: live readers end at once.
     pub shutdown: CancellationToken,
     live_total: AtomicUsize,
-    live_per_stream: Mutex<HashMap<String, usize>>,
+    /// Streams with live readers; the reader count is `StreamShare::readers`.
+    live_per_stream: Mutex<HashMap<String, Arc<StreamShare>>>,
+    /// Bounds what the SSE fan-out caches hold together.
+    sse_cache_budget: Arc<Budget>,
 }
 
 impl AppState {
@@ -64,6 +68,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             live_total: AtomicUsize::new(0),
             live_per_stream: Mutex::new(HashMap::new()),
+            sse_cache_budget: Arc::default(),
         }
     }
 
@@ -78,21 +83,39 @@ impl AppState {
             return Err(ApiError::TooManyReaders);
         }
         let mut per = self.live_per_stream.lock();
-        let n = per.entry(path.to_owned()).or_insert(0);
-        if *n >= self.config.max_live_readers_per_stream {
+        let share = match per.get(path) {
+            Some(share) => share.clone(),
+            None => {
+                let share = Arc::new(StreamShare::new(self.sse_cache_budget.clone()));
+                per.insert(path.to_owned(), share.clone());
+                share
+            }
+        };
+        // Changed only under the `live_per_stream` lock.
+        let n = share.readers.load(Ordering::Relaxed);
+        if n >= self.config.max_live_readers_per_stream {
+            if n == 0 {
+                per.remove(path);
+            }
             drop(per);
             self.live_total.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::TooManyReaders);
         }
-        *n += 1;
+        share.readers.store(n + 1, Ordering::Relaxed);
         Ok(LiveGuard {
             state: self.clone(),
             path: path.to_owned(),
+            share,
         })
     }
 
     pub fn live_readers(&self) -> usize {
         self.live_total.load(Ordering::Acquire)
+    }
+
+    /// Bytes held by the SSE fan-out caches of all streams.
+    pub fn sse_cache_bytes(&self) -> usize {
+        self.sse_cache_budget.used_bytes()
     }
 }
 
@@ -101,17 +124,26 @@ impl AppState {
 pub struct LiveGuard {
     state: Arc<AppState>,
     path: String,
+    share: Arc<StreamShare>,
+}
+
+impl LiveGuard {
+    /// What the live readers of this stream share.
+    pub fn share(&self) -> &Arc<StreamShare> {
+        &self.share
+    }
 }
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.state.live_total.fetch_sub(1, Ordering::AcqRel);
         let mut per = self.state.live_per_stream.lock();
-        if let Some(n) = per.get_mut(&self.path) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.path);
-            }
+        let n = self.share.readers.load(Ordering::Relaxed) - 1;
+        self.share.readers.store(n, Ordering::Relaxed);
+        if n == 0 {
+            // Drops the stream's cached events once the last reader's
+            // guard is gone.
+            per.remove(&self.path);
         }
     }
 }
