@@ -439,7 +439,11 @@ impl Connections {
     fn warn_shedding(&self) {
         let now = std::time::Instant::now();
         let mut last = self.last_shed_warning.lock();
-        if last.map_or(true, |t| now.duration_since(t) >= Duration::from_secs(1)) {
+        let due = match *last {
+            None => true,
+            Some(t) => now.duration_since(t) >= Duration::from_secs(1),
+        };
+        if due {
             *last = Some(now);
             tracing::warn!(
                 max_connections = self.max_connections,

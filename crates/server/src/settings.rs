@@ -43,17 +43,12 @@ pub mod duration_str {
     /// The shortest exact spelling `parse_duration` reads back.
     pub fn format(d: Duration) -> String {
         let ms = d.as_millis();
-        if ms % 1000 != 0 {
-            format!("{ms}ms")
-        } else {
-            let s = ms / 1000;
-            if s != 0 && s % 3600 == 0 {
-                format!("{}h", s / 3600)
-            } else if s != 0 && s % 60 == 0 {
-                format!("{}m", s / 60)
-            } else {
-                format!("{s}s")
-            }
+        let (s, sub_ms) = (ms / 1000, ms % 1000);
+        match (s / 3600, s % 3600, s / 60, s % 60) {
+            _ if sub_ms > 0 => format!("{ms}ms"),
+            (h, 0, _, _) if h > 0 => format!("{h}h"),
+            (_, _, m, 0) if m > 0 => format!("{m}m"),
+            _ => format!("{s}s"),
         }
     }
 }
@@ -800,6 +795,7 @@ impl Overrides {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -807,11 +803,13 @@ mod tests {
         Settings::from_toml(text, Path::new("test.toml"))
     }
 
+    /// An empty file yields exactly the defaults.
     #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(parse("").unwrap(), Settings::default());
     }
 
+    /// Values of each section are read, and reach the server configuration.
     #[test]
     fn values_are_read() {
         let s = parse(
@@ -828,6 +826,7 @@ mod tests {
         assert_eq!(s.server_config().host, "0.0.0.0");
     }
 
+    /// An unknown key is an error naming the key and its line.
     #[test]
     fn unknown_key_names_key_and_line() {
         let e = parse("[server]\npath_prefix = \"/x\"\nlisten_addr = \"x\"\n").unwrap_err();
@@ -836,6 +835,7 @@ mod tests {
         assert!(msg.contains("listen_addr"), "{msg}");
     }
 
+    /// A bad duration names the full key path and its line.
     #[test]
     fn bad_duration_names_key_and_line() {
         let e = parse("\n[timeouts]\nlong_poll = \"soon\"\n").unwrap_err();
@@ -843,6 +843,7 @@ mod tests {
         assert!(e.to_string().contains("line 3"), "{e}");
     }
 
+    /// A semantic error in a file value carries the line; a flag overriding it clears the error.
     #[test]
     fn semantic_error_located_in_file() {
         let dir = std::env::temp_dir().join(format!("ds-settings-{}", std::process::id()));
@@ -862,6 +863,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// --port replaces only the port of the first listen address.
     #[test]
     fn host_and_port_edit_first_listen_address() {
         let mut s = parse("[server]\nlisten = [\"10.0.0.1:1\", \"10.0.0.2:2\"]\n").unwrap();
@@ -873,6 +875,7 @@ mod tests {
         assert_eq!(s.server.listen, ["10.0.0.1:9", "10.0.0.2:2"]);
     }
 
+    /// The printed configuration parses back to the same settings (durations round-trip).
     #[test]
     fn printed_config_reads_back_identically() {
         let s =
@@ -880,6 +883,7 @@ mod tests {
         assert_eq!(parse(&s.to_toml()).unwrap(), s);
     }
 
+    /// A TLS certificate without a key is refused, naming tls.key.
     #[test]
     fn tls_cert_without_key_is_refused() {
         let s = Settings {

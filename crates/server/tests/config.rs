@@ -150,7 +150,10 @@ fn unknown_key_is_refused_naming_key_and_line() {
     let status = out.status.expect("`run` with a bad config kept running");
     assert!(!status.success(), "{out:?}");
     assert!(out.stderr.contains("max_conections"), "{}", out.stderr);
-    let out = run_once(&["config", "check", &dir.write("d.toml", "[metric]\n")], &[]);
+    let out = run_once(
+        &["config", "check", &dir.write("d.toml", "[metric]\n")],
+        &[],
+    );
     assert!(
         out.stderr.contains("`metric`") && out.stderr.contains("line 1"),
         "{}",
@@ -264,7 +267,10 @@ fn json_log_format_writes_json_lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
         assert!(v["level"].is_string(), "{line}");
-        if v["message"].as_str().is_some_and(|m| m.contains("listening")) {
+        if v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("listening"))
+        {
             assert!(
                 v["addr"]
                     .as_str()
@@ -308,8 +314,7 @@ async fn public_url_is_used_for_handed_out_urls() {
     assert!(r.status().is_success(), "{}", r.status());
     let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     assert_eq!(
-        v["webhook"]["signing"]["jwks_url"],
-        "https://streams.example.com/v1/stream/__ds/jwks.json",
+        v["webhook"]["signing"]["jwks_url"], "https://streams.example.com/v1/stream/__ds/jwks.json",
         "{v}"
     );
 }
@@ -331,8 +336,28 @@ fn help_names_environment_variables_and_defaults() {
         "DS_CONFIG",
         "Examples:",
     ] {
-        assert!(out.stdout.contains(needle), "no {needle:?} in:\n{}", out.stdout);
+        assert!(
+            out.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            out.stdout
+        );
     }
     let out = run_once(&["config", "check", "--help"], &[]);
     assert!(out.stdout.contains("Examples:"), "{}", out.stdout);
+}
+
+/// The commented example config in the repository is valid.
+#[test]
+fn example_config_in_repository_is_valid() {
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../packaging/durable-streams.toml"
+    );
+    let out = run_once(&["config", "check", file], &[]);
+    assert!(out.status.unwrap().success(), "{out:?}");
+    let t = effective(&out.stdout);
+    assert_eq!(
+        get(&t, "server", "data_dir").as_str(),
+        Some("/var/lib/durable-streams")
+    );
 }
