@@ -362,6 +362,21 @@ impl Settings {
                     message,
                 }
             }
+            (
+                SettingsError::Invalid {
+                    key,
+                    path,
+                    line_column,
+                    message,
+                },
+                _,
+                _,
+            ) if overridden.contains(&key.as_str()) => SettingsError::Invalid {
+                message: format!("{message} (set by a command-line flag or environment variable)"),
+                key,
+                path,
+                line_column,
+            },
             (e, _, _) => e,
         })?;
         Ok(settings)
@@ -447,14 +462,13 @@ impl Settings {
                     SettingsError::invalid(k, e.to_string())
                 })?;
             }
-            (None, None) => {
-                if self.tls.handshake_timeout.is_zero() {
-                    return Err(SettingsError::invalid(
-                        "tls.handshake_timeout",
-                        "must be positive",
-                    ));
-                }
-            }
+            (None, None) => {}
+        }
+        if self.tls.handshake_timeout.is_zero() {
+            return Err(SettingsError::invalid(
+                "tls.handshake_timeout",
+                "must be positive",
+            ));
         }
         if self.cors.allowed_origins.is_empty() {
             return Err(SettingsError::invalid(
