@@ -80,11 +80,20 @@ pub async fn dispatch(
         (_, ["__ds", "jwks.json"]) => return method_not_allowed(),
         (m, ["__ds", "subscriptions", id]) => match m {
             Method::PUT => {
-                let host = header_str(headers, "host")
-                    .ok()
-                    .flatten()
-                    .unwrap_or("localhost");
-                let root = format!("http://{host}{}", state.config.path_prefix);
+                // The configured public URL when there is one: behind TLS or
+                // a proxy the Host header alone does not give the scheme.
+                let root = match &state.config.public_url {
+                    Some(base) => {
+                        format!("{}{}", base.trim_end_matches('/'), state.config.path_prefix)
+                    }
+                    None => {
+                        let host = header_str(headers, "host")
+                            .ok()
+                            .flatten()
+                            .unwrap_or("localhost");
+                        format!("http://{host}{}", state.config.path_prefix)
+                    }
+                };
                 subs.put(id, &body, root).await
             }
             Method::GET => subs.get(id),
