@@ -94,6 +94,14 @@ enum ConfigCommand {
     /// Validate a config file and print the effective configuration.
     #[command(long_about = CHECK_LONG)]
     Check(CheckArgs),
+    /// Print the SHA-256 of a bearer token, for `[[auth.tokens]] sha256`.
+    ///
+    /// The token is read from standard input (first line, surrounding
+    /// whitespace trimmed) so it never appears in the process list or the
+    /// shell history:
+    ///
+    ///   printf %s "$TOKEN" | durable-streams-server config hash-token
+    HashToken,
 }
 
 #[derive(Args, Debug)]
@@ -162,10 +170,24 @@ fn reload_on_sighup(_tls: Option<TlsContext>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn hash_token() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the token from standard input")?;
+    let token = line.trim();
+    if token.is_empty() {
+        bail!("no token on standard input");
+    }
+    println!("{}", durable_streams_server::auth::hash_token(token));
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Config(ConfigCommand::Check(a)) => check(a),
+        Command::Config(ConfigCommand::HashToken) => hash_token(),
         Command::Dev(a) => start(a, false),
         Command::Run(a) => start(a, true),
     };

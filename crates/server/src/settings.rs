@@ -484,6 +484,12 @@ impl Settings {
                 ));
             }
         }
+        // Keys, key files and grants are parsed once here so a bad value is
+        // a start-up error naming its field, not a fail-closed server.
+        if self.auth.enabled() {
+            crate::auth::Auth::from_config(&self.auth, &self.server.path_prefix)
+                .map_err(|e| SettingsError::invalid(&e.field, e.message))?;
+        }
         tracing_subscriber::EnvFilter::try_new(&self.logging.level).map_err(|e| {
             SettingsError::invalid("logging.level", format!("{:?}: {e}", self.logging.level))
         })?;
