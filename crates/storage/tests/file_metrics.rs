@@ -2,6 +2,8 @@
 //! what is really on the (simulated) disk, and the commit histograms agree
 //! with the commit counters.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use durable_streams_storage::file::sim::SimVfs;
 use durable_streams_storage::*;
