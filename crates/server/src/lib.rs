@@ -471,21 +471,39 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> axum::response::R
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
-    let body = state
-        .metrics
-        .render(state.live_readers(), &state.engine.metrics());
+    // Rendering reads /proc (process metrics): off the async workers.
+    let body = tokio::task::spawn_blocking(move || {
+        state
+            .metrics
+            .render(&state.engine.metrics(), &state.engine.histograms())
+    })
+    .await;
+    let Ok(body) = body else {
+        return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::response::Response {
     let (parts, body) = req.into_parts();
-    let method = parts.method.clone();
+    let op = metrics::Operation::classify(
+        &state.config.path_prefix,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+    );
+    // Only appends are timed: one clock read per append, none otherwise.
+    let started = (op == metrics::Operation::Append).then(std::time::Instant::now);
     let resp = handlers::dispatch(state.clone(), parts.method, parts.uri, parts.headers, body)
         .await
         .into_response();
-    state
-        .metrics
-        .record(method.as_str(), resp.status().as_u16());
+    if let Some(t) = started {
+        state
+            .metrics
+            .append_latency_ns
+            .observe_duration(t.elapsed());
+    }
+    state.metrics.record(op, resp.status().as_u16());
     resp
 }
 

@@ -3,7 +3,8 @@
 //! append that concerns it, and on deletion or expiry.
 
 use crate::error::ApiError;
-use crate::handlers::{chunk_closed, chunk_response, read_from};
+use crate::handlers::{chunk_closed, chunk_response, count_sent, read_from};
+use crate::metrics::{Metrics, ReadKind};
 use crate::state::AppState;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -103,8 +104,9 @@ fn no_content(chunk: &ReadChunk, cursor: &str) -> Response {
     resp
 }
 
-fn with_data(chunk: &ReadChunk, headers: &HeaderMap, cursor: &str) -> Response {
+fn with_data(state: &AppState, chunk: &ReadChunk, headers: &HeaderMap, cursor: &str) -> Response {
     let mut resp = chunk_response(chunk, headers);
+    count_sent(state, ReadKind::LongPoll, &resp, chunk);
     if !chunk_closed(chunk) {
         set_cursor(&mut resp, cursor);
     }
@@ -126,12 +128,13 @@ pub async fn long_poll(
         .await?;
     let cursor = cursor_for(state, client_cursor);
     if !chunk.is_empty() {
-        return Ok(with_data(&chunk, headers, &cursor));
+        return Ok(with_data(state, &chunk, headers, &cursor));
     }
     if chunk_closed(&chunk) {
         return Ok(no_content(&chunk, &cursor));
     }
     let _slot = state.admit_live_reader(path)?;
+    let _gauge = Metrics::live_reader(state, false);
     let from = chunk.start;
     let until = wake_at(Instant::now() + state.config.long_poll_timeout, &chunk.meta);
     match wait_past(state, &mut rx, from.0, until).await {
@@ -145,7 +148,7 @@ pub async fn long_poll(
     if chunk.is_empty() {
         Ok(no_content(&chunk, &cursor))
     } else {
-        Ok(with_data(&chunk, headers, &cursor))
+        Ok(with_data(state, &chunk, headers, &cursor))
     }
 }
 
@@ -184,6 +187,7 @@ pub async fn sse(
         .read(path, read_from(offset), state.config.read_chunk_bytes)
         .await?;
     let slot = state.admit_live_reader(path)?;
+    let gauge = Metrics::live_reader(state, true);
     let base64 = !parse::is_sse_text(&first.meta.content_type);
     let cursor = cursor_for(state, client_cursor);
     let deadline = Instant::now() + state.config.sse_reconnect_interval;
@@ -192,6 +196,7 @@ pub async fn sse(
 
     let events = async_stream::stream! {
         let _slot = slot;
+        let _gauge = gauge;
         let mut chunk = first;
         let mut announced_up_to_date = false;
         loop {
@@ -200,6 +205,7 @@ pub async fn sse(
                 // A data event and its control event go out in one write.
                 let mut buf = sse::data_event(&payload(&chunk), base64);
                 buf.extend_from_slice(&control(&chunk, &cursor));
+                state.metrics.sent(ReadKind::Sse, buf.len() as u64);
                 yield Ok::<Bytes, std::convert::Infallible>(Bytes::from(buf));
                 if chunk_closed(&chunk) {
                     return;
@@ -207,11 +213,15 @@ pub async fn sse(
                 announced_up_to_date = chunk.up_to_date();
             } else {
                 if chunk_closed(&chunk) {
-                    yield Ok(Bytes::from(control(&chunk, &cursor)));
+                    let buf = control(&chunk, &cursor);
+                    state.metrics.sent(ReadKind::Sse, buf.len() as u64);
+                    yield Ok(Bytes::from(buf));
                     return;
                 }
                 if !announced_up_to_date {
-                    yield Ok(Bytes::from(control(&chunk, &cursor)));
+                    let buf = control(&chunk, &cursor);
+                    state.metrics.sent(ReadKind::Sse, buf.len() as u64);
+                    yield Ok(Bytes::from(buf));
                     announced_up_to_date = true;
                 }
                 let until = wake_at(deadline, &chunk.meta);
