@@ -153,15 +153,23 @@ impl Server {
             .fallback(dispatch)
             .with_state(state.clone());
         if cfg.compression.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), compression::layer));
+            router = router.layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                compression::layer,
+            ));
         }
         if cfg.rate_limit.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::layer));
+            // The buckets belong to this router: one limiter per served app.
+            let limiter = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
+            router = router.layer(axum::middleware::from_fn_with_state(
+                limiter,
+                ratelimit::layer,
+            ));
         }
         if cfg.auth.enabled() {
             // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer));
         }
-        router.layer(axum::middleware::from_fn(layers::policy))
+        router.layer(axum::middleware::from_fn_with_state(state, layers::policy))
     }
 
     /// Serves connections from `listener` until `shutdown` resolves, then
