@@ -181,7 +181,11 @@ pub fn negotiate(accept_encoding: &[u8], preference: &[Algorithm]) -> Option<Alg
         }
         .or(star)
         .unwrap_or(0.0);
-        if q > 0.0 && best.map_or(true, |(_, b)| q > b) {
+        let better = match best {
+            Some((_, b)) => q > b,
+            None => q > 0.0,
+        };
+        if better {
             best = Some((alg, q));
         }
     }
@@ -401,6 +405,7 @@ fn inm_hits(inm: &HeaderValue, tag: &HeaderValue) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use Algorithm::*;

@@ -359,6 +359,7 @@ fn too_many_requests(retry_after_secs: u64) -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::time::Duration;
