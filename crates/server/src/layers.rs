@@ -2,14 +2,15 @@
 //! CORS (with preflight), browser security headers, request ids and
 //! request logging.
 
+use crate::state::AppState;
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use durable_streams_protocol::headers as h;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use tracing::Instrument;
 
 /// The request's id: the client's `X-Request-Id` when it is sane, else one
@@ -79,10 +80,43 @@ fn allow_list() -> &'static HeaderValue {
     })
 }
 
+/// The CORS answer for a request's `Origin`.
+enum AllowOrigin {
+    /// `*` is configured: `Access-Control-Allow-Origin: *`.
+    Any,
+    /// The request's origin is listed: echoed back.
+    Listed(HeaderValue),
+    /// Not listed, or no Origin: no ACAO header.
+    Refused,
+}
+
+fn cors_allow_origin(allowed: &[String], req: &Request) -> AllowOrigin {
+    if allowed.iter().any(|o| o == "*") {
+        return AllowOrigin::Any;
+    }
+    let Some(origin) = req.headers().get("origin") else {
+        return AllowOrigin::Refused;
+    };
+    let Ok(text) = origin.to_str() else {
+        return AllowOrigin::Refused;
+    };
+    // Scheme and host are case-insensitive; a configured trailing slash is
+    // a common slip, not a different origin.
+    if allowed
+        .iter()
+        .any(|o| o.trim().trim_end_matches('/').eq_ignore_ascii_case(text))
+    {
+        AllowOrigin::Listed(origin.clone())
+    } else {
+        AllowOrigin::Refused
+    }
+}
+
 const METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 
-pub async fn policy(mut req: Request, next: Next) -> Response {
+pub async fn policy(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
+    let allow_origin = cors_allow_origin(&state.config.cors_allowed_origins, &req);
     let started = std::time::Instant::now();
     let request_id = RequestId(request_id_of(&req));
     // A reference-counted clone, for the log line's path.
@@ -114,7 +148,19 @@ pub async fn policy(mut req: Request, next: Next) -> Response {
         next.run(req).instrument(span).await
     };
     let hs = resp.headers_mut();
-    hs.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    match allow_origin {
+        AllowOrigin::Any => {
+            hs.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+        }
+        AllowOrigin::Listed(origin) => {
+            hs.insert("access-control-allow-origin", origin);
+            hs.append("vary", HeaderValue::from_static("origin"));
+        }
+        // No ACAO: the browser refuses the response (a preflight too).
+        AllowOrigin::Refused => {
+            hs.append("vary", HeaderValue::from_static("origin"));
+        }
+    }
     hs.insert("access-control-expose-headers", expose_list().clone());
     hs.insert(
         "x-content-type-options",

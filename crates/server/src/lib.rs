@@ -155,17 +155,25 @@ impl Server {
             .fallback(dispatch)
             .with_state(state.clone());
         if cfg.compression.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), compression::layer));
+            router = router.layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                compression::layer,
+            ));
         }
         if cfg.rate_limit.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::layer));
+            // The buckets belong to this router: one limiter per served app.
+            let limiter = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
+            router = router.layer(axum::middleware::from_fn_with_state(
+                limiter,
+                ratelimit::layer,
+            ));
         }
         if cfg.auth.enabled() {
             // Keys parsed and clients built once here, not per request.
             let auth = auth::Auth::for_router(&cfg.auth, &cfg.path_prefix);
             router = router.layer(axum::middleware::from_fn_with_state(auth, auth::layer));
         }
-        router.layer(axum::middleware::from_fn(layers::policy))
+        router.layer(axum::middleware::from_fn_with_state(state, layers::policy))
     }
 
     /// Serves connections from `listener` (cleartext: HTTP/1.1 and h2c)
