@@ -20,13 +20,15 @@ use std::sync::Arc;
 /// Cache policy of a catch-up response that carries data (PROTOCOL.md 10.1).
 pub const CACHE_PUBLIC: &str = "public, max-age=60, stale-while-revalidate=300";
 
-/// Dispatches a request under the stream prefix.
+/// Dispatches a request under the stream prefix. `https`: the request came
+/// over TLS (URLs handed out without a configured public URL use https).
 pub async fn dispatch(
     state: Arc<AppState>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
+    https: bool,
 ) -> Response {
     let target = match request::resolve_path(&state.config.path_prefix, uri.path()) {
         None => return ApiError::NotFound.into_response(),
@@ -37,7 +39,14 @@ pub async fn dispatch(
         // Reserved for the subscription API (PROTOCOL.md 6): routed before
         // streams so no application stream can claim it.
         Target::Reserved(rel) => {
-            return crate::subscriptions_http::dispatch(&state, method, &rel, &headers, body).await
+            return {
+                // HTTP/2 carries the host in the :authority pseudo-header.
+                let authority = uri.authority().map(|a| a.as_str());
+                crate::subscriptions_http::dispatch(
+                    &state, method, &rel, &headers, body, https, authority,
+                )
+                .await
+            };
         }
         Target::Stream(p) => p,
     };

@@ -48,6 +48,11 @@ use tokio::net::TcpListener;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
+/// Marks requests that arrived over TLS (inserted by [`Server::serve`] on
+/// TLS listeners): URLs the server hands out then use `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsConnection;
+
 /// Builds a [`Server`].
 #[derive(Debug, Default)]
 pub struct ServerBuilder {
@@ -352,9 +357,13 @@ impl Connections {
     ) {
         // The client address, for rate limiting and logs.
         let app = self.app.clone();
+        let is_tls = tls.is_some();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
+                if is_tls {
+                    req.extensions_mut().insert(TlsConnection);
+                }
                 let mut app = app.clone();
                 async move {
                     use tower::Service;
@@ -502,9 +511,18 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::res
     );
     // Only appends are timed: one clock read per append, none otherwise.
     let started = (op == metrics::Operation::Append).then(std::time::Instant::now);
-    let resp = handlers::dispatch(state.clone(), parts.method, parts.uri, parts.headers, body)
-        .await
-        .into_response();
+    let https = parts.extensions.get::<TlsConnection>().is_some()
+        || parts.uri.scheme_str() == Some("https");
+    let resp = handlers::dispatch(
+        state.clone(),
+        parts.method,
+        parts.uri,
+        parts.headers,
+        body,
+        https,
+    )
+    .await
+    .into_response();
     if let Some(t) = started {
         state
             .metrics

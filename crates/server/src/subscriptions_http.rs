@@ -53,6 +53,8 @@ pub async fn dispatch(
     rel: &str,
     headers: &HeaderMap,
     body: Body,
+    https: bool,
+    authority: Option<&str>,
 ) -> Response {
     let subs = &state.subscriptions;
     let segs: Vec<&str> = rel.split('/').collect();
@@ -90,8 +92,10 @@ pub async fn dispatch(
                         let host = header_str(headers, "host")
                             .ok()
                             .flatten()
+                            .or(authority)
                             .unwrap_or("localhost");
-                        format!("http://{host}{}", state.config.path_prefix)
+                        let scheme = if https { "https" } else { "http" };
+                        format!("{scheme}://{host}{}", state.config.path_prefix)
                     }
                 };
                 subs.put(id, &body, root).await

@@ -414,3 +414,43 @@ fn connection_cap_sheds_with_503_and_retry_after() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Without a configured public URL, the URLs a subscription hands out
+/// (JWKS) use https when the creating request came over TLS (over HTTP/1.1
+/// and HTTP/2 alike), and http on the cleartext listener.
+#[test]
+fn handed_out_urls_follow_the_connection_scheme() {
+    let dir = TempDir::new("tls-scheme");
+    let (_, _, ca) = install(&dir, &pki("s"), "s");
+    let srv = start_tls(&dir, &[]);
+    let body =
+        r#"{"type":"webhook","streams":["jobs/a"],"webhook":{"url":"http://127.0.0.1:9/hook"}}"#;
+    let put = |base: &str, id: &str, extra: &[&str]| -> String {
+        let url = format!("{base}/v1/stream/__ds/subscriptions/{id}");
+        let mut args = vec![
+            "-X",
+            "PUT",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let (code, out) = curl(&args);
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["webhook"]["signing"]["jwks_url"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let tls = format!("https://localhost:{}", srv.addr(true).port());
+    for (id, proto) in [("h1", "--http1.1"), ("h2", "--http2")] {
+        let jwks = put(&tls, id, &["--cacert", &ca, proto]);
+        assert!(jwks.starts_with("https://localhost:"), "{proto}: {jwks}");
+    }
+    let plain = format!("http://127.0.0.1:{}", srv.addr(false).port());
+    let jwks = put(&plain, "plain", &[]);
+    assert!(jwks.starts_with("http://127.0.0.1:"), "{jwks}");
+}
