@@ -8,6 +8,9 @@
 # Usage: scripts/browser-test.sh        (needs target/release/durable-streams-server,
 #                                        unless SKIP_BUILD is unset: then builds it)
 # Needs: chromium (Debian package), curl, openssl, python3.
+# Environment: CHROMIUM=path, CHROMIUM_FLAGS="extra flags" (e.g.
+# --disable-http2 shows the HTTP/1.1 stall: the test then fails),
+# BROWSER_DEADLINE_S (default 90).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -61,21 +64,21 @@ done
 # Trust exactly this server key (no system-wide CA change); a throwaway profile.
 "$CHROMIUM" --headless=new --no-sandbox --disable-gpu --no-first-run \
   --disable-dev-shm-usage --user-data-dir="$OUT/profile" \
-  --ignore-certificate-errors-spki-list="$(cat "$OUT/tls/spki.txt")" \
+  --ignore-certificate-errors-spki-list="$(cat "$OUT/tls/spki.txt")" ${CHROMIUM_FLAGS:-} \
   "$ORIGIN$BASE/page?base=$BASE&n=$N" >"$OUT/chromium.log" 2>&1 &
 CHROME_PID=$!
 
 # Follow the results stream with long-polls until a verdict (bounded).
 offset="-1"
 results=""
-deadline=$((SECONDS + 90))
+deadline=$((SECONDS + ${BROWSER_DEADLINE_S:-90}))
 appended=0
 while ((SECONDS < deadline)); do
   hdrs="$OUT/results.headers"
   body="$("${CURL[@]}" -D "$hdrs" "$ORIGIN$BASE/results?offset=$offset&live=long-poll")" || true
   next="$(tr -d '\r' <"$hdrs" | awk -F': ' 'tolower($1)=="stream-next-offset"{print $2}')"
   [[ -n "$next" ]] && offset="$next"
-  results+="$body"
+  [[ -n "$body" ]] && results+="$body"$'\n'
   if [[ "$appended" == 0 ]] && grep -q '^ready' <<<"$results"; then
     log "page: $(grep '^ready' <<<"$results" | head -1); appending to $N streams"
     for i in $(seq 0 $((N - 1))); do

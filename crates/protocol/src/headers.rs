@@ -16,6 +16,9 @@ pub const PRODUCER_EPOCH: &str = "producer-epoch";
 pub const PRODUCER_SEQ: &str = "producer-seq";
 pub const PRODUCER_EXPECTED_SEQ: &str = "producer-expected-seq";
 pub const PRODUCER_RECEIVED_SEQ: &str = "producer-received-seq";
+/// Not a protocol header: the server's request id (echoed or generated),
+/// listed so browsers may send and read it.
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// Every protocol header a browser client may send (CORS allow list).
 pub const REQUEST_HEADERS: &[&str] = &[
@@ -34,6 +37,7 @@ pub const REQUEST_HEADERS: &[&str] = &[
     PRODUCER_ID,
     PRODUCER_EPOCH,
     PRODUCER_SEQ,
+    REQUEST_ID,
 ];
 
 /// Every protocol header a browser client must be able to read (CORS expose list).
@@ -53,4 +57,5 @@ pub const RESPONSE_HEADERS: &[&str] = &[
     "location",
     "content-type",
     "retry-after",
+    REQUEST_ID,
 ];

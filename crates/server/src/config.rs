@@ -22,7 +22,8 @@ pub struct ServerConfig {
     pub max_live_readers: usize,
     /// Concurrent long-poll and SSE readers on one stream.
     pub max_live_readers_per_stream: usize,
-    /// Concurrent connections; further connections wait in the accept queue.
+    /// Concurrent connections; a connection beyond it is answered 503
+    /// (`Retry-After: 1`) and closed.
     pub max_connections: usize,
     /// How long graceful shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,

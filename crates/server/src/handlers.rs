@@ -2,6 +2,7 @@
 
 use crate::error::ApiError;
 use crate::live;
+use crate::metrics::ReadKind;
 use crate::request::{self, header_str, LiveMode, Target};
 use crate::state::{AppState, StreamEvent};
 use axum::body::Body;
@@ -13,18 +14,21 @@ use durable_streams_storage::{
     AppendOutcome, AppendRequest, CreateOutcome, CreateRequest, Expiry, ForkSpec, ReadChunk,
     ReadFrom, StreamMeta,
 };
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Cache policy of a catch-up response that carries data (PROTOCOL.md 10.1).
 pub const CACHE_PUBLIC: &str = "public, max-age=60, stale-while-revalidate=300";
 
-/// Dispatches a request under the stream prefix.
+/// Dispatches a request under the stream prefix. `https`: the request came
+/// over TLS (URLs handed out without a configured public URL use https).
 pub async fn dispatch(
     state: Arc<AppState>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
+    https: bool,
 ) -> Response {
     let target = match request::resolve_path(&state.config.path_prefix, uri.path()) {
         None => return ApiError::NotFound.into_response(),
@@ -35,7 +39,14 @@ pub async fn dispatch(
         // Reserved for the subscription API (PROTOCOL.md 6): routed before
         // streams so no application stream can claim it.
         Target::Reserved(rel) => {
-            return crate::subscriptions_http::dispatch(&state, method, &rel, &headers, body).await
+            return {
+                // HTTP/2 carries the host in the :authority pseudo-header.
+                let authority = uri.authority().map(|a| a.as_str());
+                crate::subscriptions_http::dispatch(
+                    &state, method, &rel, &headers, body, https, authority,
+                )
+                .await
+            };
         }
         Target::Stream(p) => p,
     };
@@ -122,6 +133,10 @@ async fn create(
         }),
     };
     let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
+    state
+        .metrics
+        .received_bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
 
     // JSON mode follows the stream's type: the request's, or for a fork
     // without one, the source's.
@@ -222,6 +237,10 @@ async fn append(
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty());
     let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
+    state
+        .metrics
+        .received_bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
     if body.is_empty() && !close {
         return Err(ApiError::bad_request(
             "empty body: an append needs data (or Stream-Closed: true)",
@@ -259,14 +278,11 @@ async fn append(
         AppendOutcome::Applied { meta, producer } => {
             if has_data {
                 state.subscriptions.stream_changed(path);
-                state
-                    .metrics
-                    .appends
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state.metrics.appends.fetch_add(1, Ordering::Relaxed);
                 state
                     .metrics
                     .append_bytes
-                    .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    .fetch_add(body.len() as u64, Ordering::Relaxed);
             }
             let status = if producer.is_some() && has_data {
                 StatusCode::OK
@@ -387,18 +403,35 @@ async fn catch_up(
         .engine
         .read(path, read_from(offset), state.config.read_chunk_bytes)
         .await?;
-    state
-        .metrics
-        .read_bytes
-        .fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
     if offset == OffsetParam::Now {
         // Tail position only: never cached, no ETag (PROTOCOL.md 8).
         let mut resp = data_response(&chunk, StatusCode::OK);
         resp.headers_mut()
             .insert("cache-control", HeaderValue::from_static("no-store"));
+        count_sent(state, ReadKind::CatchUp, &resp, &chunk);
         return Ok(resp);
     }
-    Ok(chunk_response(&chunk, headers))
+    let resp = chunk_response(&chunk, headers);
+    count_sent(state, ReadKind::CatchUp, &resp, &chunk);
+    Ok(resp)
+}
+
+/// Counts the body bytes of a read response built from `chunk` (none for
+/// a 304).
+pub fn count_sent(state: &AppState, kind: ReadKind, resp: &Response, chunk: &ReadChunk) {
+    if resp.status() == StatusCode::OK {
+        state.metrics.sent(kind, body_len(chunk));
+    }
+}
+
+/// Length of [`body_of`] without building it: JSON chunks gain `[` and `]`
+/// and lose the last record's trailing comma.
+fn body_len(chunk: &ReadChunk) -> u64 {
+    if !chunk.meta.json {
+        return chunk.len();
+    }
+    let trailing_comma = chunk.data.last().is_some_and(|d| d.last() == Some(&b','));
+    chunk.len() + 2 - u64::from(trailing_comma)
 }
 
 /// Whether the chunk reached the tail of a closed stream (the EOF signal).

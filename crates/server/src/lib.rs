@@ -21,10 +21,12 @@ pub mod live;
 pub mod metrics;
 pub mod ratelimit;
 pub mod request;
+pub mod settings;
 pub mod sse_cache;
 pub mod state;
 pub mod subscriptions;
 mod subscriptions_http;
+pub mod tls;
 
 pub use config::ServerConfig;
 pub use error::ApiError;
@@ -46,6 +48,11 @@ use tokio::net::TcpListener;
 /// by [`Server::run`] (absent when the router is mounted elsewhere).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// Marks requests that arrived over TLS (inserted by [`Server::serve`] on
+/// TLS listeners): URLs the server hands out then use `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsConnection;
 
 /// Builds a [`Server`].
 #[derive(Debug, Default)]
@@ -154,28 +161,50 @@ impl Server {
             .fallback(dispatch)
             .with_state(state.clone());
         if cfg.compression.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), compression::layer));
+            router = router.layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                compression::layer,
+            ));
         }
         if cfg.rate_limit.enabled() {
-            // router = router.layer(axum::middleware::from_fn_with_state(state.clone(), ratelimit::layer));
+            // The buckets belong to this router: one limiter per served app.
+            let limiter = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
+            router = router.layer(axum::middleware::from_fn_with_state(
+                limiter,
+                ratelimit::layer,
+            ));
         }
         if cfg.auth.enabled() {
             // Keys parsed and clients built once here, not per request.
             let auth = auth::Auth::for_router(&cfg.auth, &cfg.path_prefix);
             router = router.layer(axum::middleware::from_fn_with_state(auth, auth::layer));
         }
-        router.layer(axum::middleware::from_fn(layers::policy))
+        router.layer(axum::middleware::from_fn_with_state(state, layers::policy))
     }
 
-    /// Serves connections from `listener` until `shutdown` resolves, then
-    /// stops accepting, ends live readers, and waits up to the configured
-    /// grace period for in-flight requests. Also runs the expiry sweeper.
+    /// Serves connections from `listener` (cleartext: HTTP/1.1 and h2c)
+    /// until `shutdown` resolves; see [`Server::serve`].
     pub async fn run(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> std::io::Result<()> {
-        let app = self.router();
+        self.serve(vec![Listener::plain(listener)], shutdown).await
+    }
+
+    /// Serves connections from every listener until `shutdown` resolves,
+    /// then stops accepting, ends live readers, and waits up to the
+    /// configured grace period for in-flight requests. Also runs the expiry
+    /// sweeper and the subscription waker.
+    ///
+    /// At `max_connections` open connections, further ones are answered
+    /// `503` with `Retry-After` and closed rather than left waiting.
+    pub async fn serve(
+        self,
+        listeners: Vec<Listener>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        use futures_util::StreamExt;
         let cfg = self.state.config.clone();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -184,8 +213,27 @@ impl Server {
             .header_read_timeout(Duration::from_secs(30))
             // hyper answers 431 when the request head exceeds its read buffer.
             .max_buf_size(cfg.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            // Browsers multiplex every EventSource of a page on one
+            // connection; live readers are bounded by max_live_readers.
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            // Pings keep idle SSE connections through NATs and notice dead peers.
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .max_header_list_size(
+                u32::try_from(cfg.max_header_bytes.max(8192)).unwrap_or(u32::MAX),
+            );
+        let conns = Arc::new(Connections {
+            builder,
+            app: self.router(),
+            slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
+            shed_slots: Arc::new(tokio::sync::Semaphore::new(MAX_SHED_CONNECTIONS)),
+            max_connections: cfg.max_connections,
+            last_shed_warning: parking_lot::Mutex::new(None),
+        });
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let conn_slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
         let sweeper = tokio::spawn(sweep(self.state.clone()));
         let waker = tokio::spawn(
             self.state
@@ -193,53 +241,56 @@ impl Server {
                 .clone()
                 .run(self.state.shutdown.clone()),
         );
+        // One stream of accepted sockets from all listeners; dropping it
+        // closes them.
+        let mut accepted = futures_util::stream::select_all(listeners.into_iter().map(|l| {
+            let tls = l.tls;
+            Box::pin(futures_util::stream::unfold(l.tcp, move |tcp| {
+                let tls = tls.clone();
+                async move {
+                    let r = tcp.accept().await;
+                    Some(((r, tls), tcp))
+                }
+            }))
+        }));
         tokio::pin!(shutdown);
         loop {
-            let permit = tokio::select! {
-                p = conn_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            let (accept, tls) = tokio::select! {
+                a = accepted.next() => match a { Some(a) => a, None => break },
                 _ = &mut shutdown => break,
             };
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Out of file descriptors and similar: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut shutdown => break,
+            let (stream, peer) = match accept {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
-            // The client address, for rate limiting and logs.
-            let app = app.clone();
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(PeerAddr(peer));
-                    let mut app = app.clone();
-                    async move {
-                        use tower::Service;
-                        app.call(req.map(axum::body::Body::new)).await
-                    }
-                },
-            );
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _permit = permit;
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "connection ended with an error");
+            match conns.slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    // Subscribed now, so a shutdown during the TLS handshake
+                    // still reaches this connection.
+                    let watcher = graceful.watcher();
+                    tokio::spawn(conns.clone().serve(stream, peer, tls, watcher, permit));
                 }
-            });
+                Err(_) => match conns.shed_slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        conns.warn_shedding();
+                        tokio::spawn(conns.clone().shed(stream, tls, permit));
+                    }
+                    // Over both caps: closing at once is the cheapest answer.
+                    Err(_) => drop(stream),
+                },
+            }
         }
         tracing::info!("shutting down: draining connections");
         self.state.shutdown.cancel();
         sweeper.abort();
         waker.abort();
-        drop(listener);
+        drop(accepted);
         if tokio::time::timeout(cfg.shutdown_grace, graceful.shutdown())
             .await
             .is_err()
@@ -248,6 +299,177 @@ impl Server {
         }
         self.state.engine.shutdown().await;
         Ok(())
+    }
+}
+
+/// Streams one HTTP/2 connection may carry at once.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Connections being answered 503 at once (beyond `max_connections`);
+/// further ones are closed straight away.
+const MAX_SHED_CONNECTIONS: usize = 256;
+/// Time allowed to answer a shed connection (TLS handshake included).
+const SHED_DEADLINE: Duration = Duration::from_secs(3);
+
+/// A listening socket, cleartext or TLS.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Option<tls::TlsContext>,
+}
+
+impl Listener {
+    /// Cleartext: HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+    pub fn plain(tcp: TcpListener) -> Self {
+        Listener { tcp, tls: None }
+    }
+    /// TLS, with HTTP/2 or HTTP/1.1 chosen by ALPN.
+    pub fn tls(tcp: TcpListener, tls: tls::TlsContext) -> Self {
+        Listener {
+            tcp,
+            tls: Some(tls),
+        }
+    }
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.tcp.local_addr()
+    }
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// What every connection task shares.
+struct Connections {
+    builder: auto::Builder<TokioExecutor>,
+    app: Router,
+    slots: Arc<tokio::sync::Semaphore>,
+    shed_slots: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
+    last_shed_warning: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl Connections {
+    async fn serve(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+        tls: Option<tls::TlsContext>,
+        watcher: hyper_util::server::graceful::Watcher,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        // The client address, for rate limiting and logs.
+        let app = self.app.clone();
+        let is_tls = tls.is_some();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                if is_tls {
+                    req.extensions_mut().insert(TlsConnection);
+                }
+                let mut app = app.clone();
+                async move {
+                    use tower::Service;
+                    app.call(req.map(axum::body::Body::new)).await
+                }
+            });
+        let result = match tls {
+            None => {
+                let conn = self
+                    .builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                watcher.watch(conn).await
+            }
+            Some(tls) => {
+                let handshake = tls.acceptor().accept(stream);
+                let stream = match tokio::time::timeout(tls.handshake_timeout(), handshake).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let conn = self
+                    .builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                watcher.watch(conn).await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    }
+
+    /// Answers a connection over the cap with `503` + `Retry-After` and
+    /// closes it, all within [`SHED_DEADLINE`].
+    async fn shed(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        tls: Option<tls::TlsContext>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let _ = tokio::time::timeout(SHED_DEADLINE, async {
+            match tls {
+                None => self.shed_io(TokioIo::new(stream)).await,
+                Some(tls) => {
+                    if let Ok(s) = tls.acceptor().accept(stream).await {
+                        self.shed_io(TokioIo::new(s)).await;
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn shed_io<I>(&self, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let notify = answered.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            notify.notify_one();
+            let mut resp = hyper::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"server at connection capacity; retry shortly\n"),
+            ));
+            *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            let h = resp.headers_mut();
+            h.insert("retry-after", http::HeaderValue::from_static("1"));
+            h.insert("content-type", http::HeaderValue::from_static("text/plain"));
+            h.insert("cache-control", http::HeaderValue::from_static("no-store"));
+            if req.version() < http::Version::HTTP_2 {
+                h.insert("connection", http::HeaderValue::from_static("close"));
+            }
+            async move { Ok::<_, std::convert::Infallible>(resp) }
+        });
+        let conn = self.builder.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = answered.notified() => {}
+        }
+        // One answer is all: HTTP/1.1 closes after it, HTTP/2 gets GOAWAY.
+        conn.as_mut().graceful_shutdown();
+        let _ = conn.await;
+    }
+
+    /// Logs shedding at most once a second.
+    fn warn_shedding(&self) {
+        let now = std::time::Instant::now();
+        let mut last = self.last_shed_warning.lock();
+        let due = match *last {
+            None => true,
+            Some(t) => now.duration_since(t) >= Duration::from_secs(1),
+        };
+        if due {
+            *last = Some(now);
+            tracing::warn!(
+                max_connections = self.max_connections,
+                "at the connection cap: answering new connections 503"
+            );
+        }
     }
 }
 
@@ -267,21 +489,48 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> axum::response::R
 }
 
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
-    let body = state
-        .metrics
-        .render(state.live_readers(), &state.engine.metrics());
+    // Rendering reads /proc (process metrics): off the async workers.
+    let body = tokio::task::spawn_blocking(move || {
+        state
+            .metrics
+            .render(&state.engine.metrics(), &state.engine.histograms())
+    })
+    .await;
+    let Ok(body) = body else {
+        return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::response::Response {
     let (parts, body) = req.into_parts();
-    let method = parts.method.clone();
-    let resp = handlers::dispatch(state.clone(), parts.method, parts.uri, parts.headers, body)
-        .await
-        .into_response();
-    state
-        .metrics
-        .record(method.as_str(), resp.status().as_u16());
+    let op = metrics::Operation::classify(
+        &state.config.path_prefix,
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+    );
+    // Only appends are timed: one clock read per append, none otherwise.
+    let started = (op == metrics::Operation::Append).then(std::time::Instant::now);
+    let https = parts.extensions.get::<TlsConnection>().is_some()
+        || parts.uri.scheme_str() == Some("https");
+    let resp = handlers::dispatch(
+        state.clone(),
+        parts.method,
+        parts.uri,
+        parts.headers,
+        body,
+        https,
+    )
+    .await
+    .into_response();
+    if let Some(t) = started {
+        state
+            .metrics
+            .append_latency_ns
+            .observe_duration(t.elapsed());
+    }
+    state.metrics.record(op, resp.status().as_u16());
     resp
 }
 

@@ -3,7 +3,8 @@
 //! append that concerns it, and on deletion or expiry.
 
 use crate::error::ApiError;
-use crate::handlers::{chunk_closed, chunk_response, read_from};
+use crate::handlers::{chunk_closed, chunk_response, count_sent, read_from};
+use crate::metrics::{Metrics, ReadKind};
 use crate::sse_cache::{Delivery, Key};
 use crate::state::AppState;
 use axum::body::Body;
@@ -127,8 +128,9 @@ fn no_content(chunk: &ReadChunk, cursor: &str) -> Response {
     resp
 }
 
-fn with_data(chunk: &ReadChunk, headers: &HeaderMap, cursor: &str) -> Response {
+fn with_data(state: &AppState, chunk: &ReadChunk, headers: &HeaderMap, cursor: &str) -> Response {
     let mut resp = chunk_response(chunk, headers);
+    count_sent(state, ReadKind::LongPoll, &resp, chunk);
     if !chunk_closed(chunk) {
         set_cursor(&mut resp, cursor);
     }
@@ -150,12 +152,13 @@ pub async fn long_poll(
         .await?;
     let cursor = cursor_for(state, client_cursor);
     if !chunk.is_empty() {
-        return Ok(with_data(&chunk, headers, &cursor));
+        return Ok(with_data(state, &chunk, headers, &cursor));
     }
     if chunk_closed(&chunk) {
         return Ok(no_content(&chunk, &cursor));
     }
     let _slot = state.admit_live_reader(path)?;
+    let _gauge = Metrics::live_reader(state, false);
     let from = chunk.start;
     let until = wake_at(Instant::now() + state.config.long_poll_timeout, &chunk.meta);
     match wait_past(state, &mut rx, from.0, until).await {
@@ -169,7 +172,7 @@ pub async fn long_poll(
     if chunk.is_empty() {
         Ok(no_content(&chunk, &cursor))
     } else {
-        Ok(with_data(&chunk, headers, &cursor))
+        Ok(with_data(state, &chunk, headers, &cursor))
     }
 }
 
@@ -269,6 +272,7 @@ pub async fn sse(
         .read(path, read_from(offset), state.config.read_chunk_bytes)
         .await?;
     let slot = state.admit_live_reader(path)?;
+    let gauge = Metrics::live_reader(state, true);
     let base64 = !parse::is_sse_text(&first.meta.content_type);
     let incarnation = first.meta.incarnation;
     let heads = ControlHeads::new(&cursor_for(state, client_cursor));
@@ -280,6 +284,7 @@ pub async fn sse(
     let events = async_stream::stream! {
         let share = slot.share().clone();
         let _slot = slot;
+        let _gauge = gauge;
         // Registered once for the whole connection (see `wait_past_with`).
         let sleep = tokio::time::sleep_until(wake_at_ms(deadline, first.expires_at_ms));
         let shutdown = state.shutdown.clone().cancelled_owned();
@@ -290,10 +295,14 @@ pub async fn sse(
             if let Some(data) = &d.data_event {
                 // A data event and its control event go out in one write.
                 if data.len() <= COPY_DATA_EVENT_BYTES {
-                    yield Ok::<Bytes, std::convert::Infallible>(heads.frame(Some(data), &d));
+                    let buf = heads.frame(Some(data), &d);
+                    state.metrics.sent(ReadKind::Sse, buf.len() as u64);
+                    yield Ok::<Bytes, std::convert::Infallible>(buf);
                 } else {
+                    let control = heads.frame(None, &d);
+                    state.metrics.sent(ReadKind::Sse, (data.len() + control.len()) as u64);
                     yield Ok(data.clone());
-                    yield Ok(heads.frame(None, &d));
+                    yield Ok(control);
                 }
                 if d.closed {
                     return;
@@ -301,7 +310,9 @@ pub async fn sse(
                 announced_up_to_date = d.up_to_date;
             } else {
                 if d.closed || !announced_up_to_date {
-                    yield Ok(heads.frame(None, &d));
+                    let buf = heads.frame(None, &d);
+                    state.metrics.sent(ReadKind::Sse, buf.len() as u64);
+                    yield Ok(buf);
                     if d.closed {
                         return;
                     }

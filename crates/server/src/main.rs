@@ -1,15 +1,76 @@
-//! `durable-streams-server`: parses arguments and runs the library.
+//! `durable-streams-server`: parses arguments and the config file, and runs the library.
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use durable_streams_protocol::parse::parse_duration;
-use durable_streams_server::{Server, ServerConfig};
+use durable_streams_server::settings::{LogFormat, Overrides, Settings};
+use durable_streams_server::tls::TlsContext;
+use durable_streams_server::{Listener, Server};
 use durable_streams_storage::{Engine, FileEngine, FileOptions, MemoryEngine};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+
+const ABOUT_LONG: &str = "\
+A Durable Streams protocol server: HTTP append-only streams with catch-up \
+reads, long-poll and SSE live reads, idempotent producers and subscriptions.
+
+Configuration comes from, highest precedence first: command-line flags, \
+DS_* environment variables (named beside each flag in `--help` of `dev` and \
+`run`), the TOML file given with --config, and the defaults. \
+`config check FILE` prints the effective configuration.
+
+Listeners serve HTTP/1.1 and HTTP/2: over TLS (--tls-cert/--tls-key) the \
+protocol is chosen by ALPN; cleartext listeners accept HTTP/2 with prior \
+knowledge (h2c).
+
+Signals: SIGINT/SIGTERM stop accepting and drain (bounded by \
+--shutdown-grace); SIGHUP re-reads the TLS certificate and key.
+
+Examples:
+  durable-streams-server dev
+  durable-streams-server dev --port 0 --data-dir ./data
+  durable-streams-server run --config /etc/durable-streams/durable-streams.toml
+  DS_MAX_CONNECTIONS=10000 durable-streams-server run --data-dir /var/lib/ds
+  durable-streams-server config check /etc/durable-streams/durable-streams.toml";
+
+const DEV_LONG: &str = "\
+Zero-configuration development server: in-memory streams (or durable ones \
+with --data-dir), listening on 127.0.0.1:4437, streams under /v1/stream/*. \
+Takes the same flags and config file as `run`.
+
+Examples:
+  durable-streams-server dev
+  durable-streams-server dev --port 0 --long-poll-timeout 5s
+  durable-streams-server dev --config dev.toml --log-format json";
+
+const RUN_LONG: &str = "\
+Production server: streams are kept by the durable file engine, so a data \
+directory is required (--data-dir, DS_DATA_DIR or server.data_dir in the \
+config file).
+
+Examples:
+  durable-streams-server run --config /etc/durable-streams/durable-streams.toml
+  durable-streams-server run --data-dir /var/lib/ds --listen 0.0.0.0:443 \\
+      --tls-cert /etc/ds/cert.pem --tls-key /etc/ds/key.pem --plain-listen 127.0.0.1:4437
+  durable-streams-server run --data-dir /var/lib/ds --host 0.0.0.0 --port 4437";
+
+const CHECK_LONG: &str = "\
+Validates a configuration file, merged with any flags and DS_* environment \
+variables given, and prints the effective configuration as TOML on standard \
+output (secrets masked). Exits 0 when valid; otherwise prints an error naming \
+the key and, for values from the file, its line and column, and exits 1. \
+Unknown keys are errors. TLS certificate and key files are read and checked.
+
+Examples:
+  durable-streams-server config check /etc/durable-streams/durable-streams.toml
+  DS_PORT=8080 durable-streams-server config check my.toml";
 
 #[derive(Parser, Debug)]
-#[command(name = "durable-streams-server", version, about = "A Durable Streams protocol server.", long_about = None)]
+#[command(
+    name = "durable-streams-server",
+    version,
+    about = "A Durable Streams protocol server.",
+    long_about = ABOUT_LONG
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,100 +78,49 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Zero-configuration development server: in-memory (or durable with
-    /// --data-dir), 127.0.0.1:4437, streams under /v1/stream/*.
+    /// Development server: in-memory unless --data-dir is given.
+    #[command(long_about = DEV_LONG)]
     Dev(ServeArgs),
-    /// Production server: the durable file engine; requires --data-dir.
+    /// Production server: the durable file engine; requires a data directory.
+    #[command(long_about = RUN_LONG)]
     Run(ServeArgs),
+    /// Configuration file tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    parse_duration(s).ok_or_else(|| format!("invalid duration {s:?} (use e.g. 500ms, 30s, 2m)"))
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a config file and print the effective configuration.
+    #[command(long_about = CHECK_LONG)]
+    Check(CheckArgs),
+    /// Print the SHA-256 of a bearer token, for `[[auth.tokens]] sha256`.
+    ///
+    /// The token is read from standard input (first line, surrounding
+    /// whitespace trimmed) so it never appears in the process list or the
+    /// shell history:
+    ///
+    ///   printf %s "$TOKEN" | durable-streams-server config hash-token
+    HashToken,
 }
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1")]
-    host: String,
-    /// TCP port to listen on (0 picks a free port; the chosen address is logged).
-    #[arg(long, default_value_t = 4437)]
-    port: u16,
-    /// How long a long-poll read waits for data before answering 204.
-    #[arg(long, value_parser = duration, default_value = "30s")]
-    long_poll_timeout: Duration,
-    /// How long an SSE connection stays open before the server closes it
-    /// (clients reconnect from their last offset; lets CDNs collapse).
-    #[arg(long, value_parser = duration, default_value = "60s")]
-    sse_reconnect_interval: Duration,
-    /// Width of the cursor interval used for CDN cache-busting cursors.
-    #[arg(long, value_parser = duration, default_value = "20s")]
-    cursor_interval: Duration,
-    /// Largest request body accepted for an append or create, in bytes (413 above).
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
-    max_append_bytes: u64,
-    /// Largest catch-up response body, in bytes; longer reads are cut and
-    /// the client continues from Stream-Next-Offset.
-    #[arg(long, default_value_t = 1024 * 1024)]
-    read_chunk_bytes: usize,
-    /// Largest request head (request line and headers), in bytes (431 above; minimum 8192).
-    #[arg(long, default_value_t = 64 * 1024)]
-    max_header_bytes: usize,
-    /// Maximum concurrent live readers (long-poll and SSE) in total; more get 503 with Retry-After.
-    #[arg(long, default_value_t = 50_000)]
-    max_live_readers: usize,
-    /// Maximum concurrent live readers on a single stream.
-    #[arg(long, default_value_t = 10_000)]
-    max_live_readers_per_stream: usize,
-    /// Maximum concurrent connections; further connections wait to be accepted.
-    #[arg(long, default_value_t = 60_000)]
-    max_connections: usize,
-    /// How long an idempotent producer's out-of-order request (a sequence
-    /// gap) waits for its predecessor before answering 409 (0 disables).
-    #[arg(long, value_parser = duration, default_value = "20ms")]
-    producer_reorder_wait: Duration,
-    /// URL path under which streams live.
-    #[arg(long, default_value = "/v1/stream")]
-    path_prefix: String,
-    /// How long shutdown (SIGINT/SIGTERM) waits for in-flight requests.
-    #[arg(long, value_parser = duration, default_value = "10s")]
-    shutdown_grace: Duration,
-    /// Directory of the durable file engine (created if missing). Without
-    /// it, `dev` keeps streams in memory; `run` requires it.
-    #[arg(long)]
-    data_dir: Option<std::path::PathBuf>,
-    /// Data files the file engine keeps open at once.
-    #[arg(long, default_value_t = 1024)]
-    max_open_files: usize,
-    /// How often the file engine checkpoints (bounds WAL replay at start-up).
-    #[arg(long, value_parser = duration, default_value = "30s")]
-    checkpoint_interval: Duration,
+    /// TOML configuration file (see packaging/durable-streams.toml). Values
+    /// in it are overridden by flags and DS_* environment variables. Default: none.
+    #[arg(long, env = "DS_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
-fn config_from(a: &ServeArgs) -> anyhow::Result<ServerConfig> {
-    if !a.path_prefix.starts_with('/') {
-        bail!("--path-prefix must start with '/'");
-    }
-    if a.read_chunk_bytes == 0 || a.max_live_readers == 0 || a.max_connections == 0 {
-        bail!("--read-chunk-bytes, --max-live-readers and --max-connections must be positive");
-    }
-    Ok(ServerConfig {
-        host: a.host.clone(),
-        port: a.port,
-        path_prefix: a.path_prefix.trim_end_matches('/').to_owned(),
-        long_poll_timeout: a.long_poll_timeout,
-        sse_reconnect_interval: a.sse_reconnect_interval,
-        cursor_interval: a.cursor_interval.max(Duration::from_secs(1)),
-        max_append_bytes: a.max_append_bytes,
-        read_chunk_bytes: a.read_chunk_bytes,
-        max_header_bytes: a.max_header_bytes,
-        max_live_readers: a.max_live_readers,
-        max_live_readers_per_stream: a.max_live_readers_per_stream,
-        max_connections: a.max_connections,
-        shutdown_grace: a.shutdown_grace,
-        producer_reorder_wait: a.producer_reorder_wait,
-        ..ServerConfig::default()
-    })
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// The configuration file to check.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 async fn shutdown_signal() {
@@ -131,18 +141,57 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
+/// Re-reads the TLS certificate on every SIGHUP. Installed even without
+/// TLS, so a stray SIGHUP does not kill the server (its default action).
+#[cfg(unix)]
+fn reload_on_sighup(tls: Option<TlsContext>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match &tls {
+                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+                Some(tls) => match tls.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert = %tls.cert_path().display(), "SIGHUP: TLS certificate reloaded")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the previous certificate")
+                    }
+                },
+            }
         }
+    });
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn reload_on_sighup(_tls: Option<TlsContext>) -> anyhow::Result<()> {
+    Ok(())
+}
+
+fn hash_token() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the token from standard input")?;
+    let token = line.trim();
+    if token.is_empty() {
+        bail!("no token on standard input");
+    }
+    println!("{}", durable_streams_server::auth::hash_token(token));
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config(ConfigCommand::Check(a)) => check(a),
+        Command::Config(ConfigCommand::HashToken) => hash_token(),
+        Command::Dev(a) => start(a, false),
+        Command::Run(a) => start(a, true),
     };
-    match runtime.block_on(serve()) {
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The whole cause chain on one line, no backtrace: this is for operators.
@@ -152,29 +201,51 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+fn check(a: CheckArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(Some(&a.file), &a.overrides)?;
+    print!(
+        "# Effective configuration: {} merged with flags and DS_* environment.\n{}",
+        a.file.display(),
+        settings.to_toml()
+    );
+    Ok(())
+}
+
+fn init_logging(settings: &Settings) {
+    // Validated already; fall back to info rather than fail.
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.logging.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let cli = Cli::parse();
-    let (args, production) = match cli.command {
-        Command::Dev(a) => (a, false),
-        Command::Run(a) => (a, true),
-    };
-    if production && args.data_dir.is_none() {
-        bail!("`run` needs --data-dir DIR (use `dev` for an in-memory server)");
+        .with_env_filter(filter);
+    match settings.logging.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    let config = config_from(&args)?;
-    let (engine, engine_name): (Arc<dyn Engine>, &str) = match &args.data_dir {
+}
+
+fn start(args: ServeArgs, production: bool) -> anyhow::Result<()> {
+    let settings = Settings::resolve(args.config.as_deref(), &args.overrides)?;
+    init_logging(&settings);
+    if production && settings.server.data_dir.is_none() {
+        bail!("`run` needs a data directory: --data-dir DIR, DS_DATA_DIR or server.data_dir (use `dev` for an in-memory server)");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(serve(settings))
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let config = settings.server_config();
+    let data_dir = settings.server.data_dir.clone();
+    let (engine, engine_name): (Arc<dyn Engine>, &str) = match &data_dir {
         None => (Arc::new(MemoryEngine::new()), "memory"),
         Some(dir) => {
             let opts = FileOptions {
-                max_open_files: args.max_open_files.max(16),
-                checkpoint_interval: args.checkpoint_interval,
+                max_open_files: settings.limits.max_open_files.max(16),
+                checkpoint_interval: settings.timeouts.checkpoint_interval,
                 ..FileOptions::default()
             };
             let started = std::time::Instant::now();
@@ -184,18 +255,36 @@ async fn serve() -> anyhow::Result<()> {
             (Arc::new(e), "file")
         }
     };
-    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", config.host, config.port))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, prefix = %config.path_prefix, engine = engine_name, "durable-streams-server listening");
+    let tls = match (&settings.tls.cert, &settings.tls.key) {
+        (Some(cert), Some(key)) => {
+            Some(TlsContext::new(cert, key, settings.tls.handshake_timeout)?)
+        }
+        _ => None,
+    };
+    reload_on_sighup(tls.clone())?;
+    let mut listeners = Vec::new();
+    let plain = settings.server.plain_listen.iter().map(|a| (a, None));
+    let main = settings.server.listen.iter().map(|a| (a, tls.clone()));
+    for (addr, tls) in main.chain(plain) {
+        let tcp = tokio::net::TcpListener::bind(addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(match tls {
+            Some(tls) => Listener::tls(tcp, tls),
+            None => Listener::plain(tcp),
+        });
+    }
+    for l in &listeners {
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, tls = l.is_tls(), prefix = %config.path_prefix, engine = engine_name, "durable-streams-server listening");
+    }
     let mut builder = Server::builder().config(config).engine(engine);
-    if let Some(dir) = &args.data_dir {
+    if let Some(dir) = &data_dir {
         builder = builder.subscriptions_dir(dir.join("subscriptions"));
     }
     let server = builder
         .try_build()
         .context("cannot open subscription state")?;
-    server.run(listener, shutdown_signal()).await?;
+    server.serve(listeners, shutdown_signal()).await?;
     Ok(())
 }

@@ -53,6 +53,8 @@ pub async fn dispatch(
     rel: &str,
     headers: &HeaderMap,
     body: Body,
+    https: bool,
+    authority: Option<&str>,
 ) -> Response {
     let subs = &state.subscriptions;
     let segs: Vec<&str> = rel.split('/').collect();
@@ -80,11 +82,22 @@ pub async fn dispatch(
         (_, ["__ds", "jwks.json"]) => return method_not_allowed(),
         (m, ["__ds", "subscriptions", id]) => match m {
             Method::PUT => {
-                let host = header_str(headers, "host")
-                    .ok()
-                    .flatten()
-                    .unwrap_or("localhost");
-                let root = format!("http://{host}{}", state.config.path_prefix);
+                // The configured public URL when there is one: behind TLS or
+                // a proxy the Host header alone does not give the scheme.
+                let root = match &state.config.public_url {
+                    Some(base) => {
+                        format!("{}{}", base.trim_end_matches('/'), state.config.path_prefix)
+                    }
+                    None => {
+                        let host = header_str(headers, "host")
+                            .ok()
+                            .flatten()
+                            .or(authority)
+                            .unwrap_or("localhost");
+                        let scheme = if https { "https" } else { "http" };
+                        format!("{scheme}://{host}{}", state.config.path_prefix)
+                    }
+                };
                 subs.put(id, &body, root).await
             }
             Method::GET => subs.get(id),

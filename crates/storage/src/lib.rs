@@ -11,6 +11,7 @@ mod clock;
 mod error;
 pub mod file;
 pub mod memory;
+pub mod metrics;
 pub mod rules;
 mod types;
 
@@ -18,6 +19,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::StorageError;
 pub use file::{FileEngine, FileOptions};
 pub use memory::MemoryEngine;
+pub use metrics::{Histogram, HistogramSnapshot};
 pub use types::*;
 
 use async_trait::async_trait;
@@ -71,6 +73,12 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Engine counters for `/metrics`: `(name, help, value)`.
     fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
+
+    /// Engine histograms for `/metrics` (the file engine's fsync latency
+    /// and group-commit batch sizes). Engines without any keep the default.
+    fn histograms(&self) -> Vec<HistogramSnapshot> {
         Vec::new()
     }
 }
