@@ -435,6 +435,7 @@ impl FileEngine {
             .checkpoint_file_bytes
             .store(checkpoint_bytes, Ordering::Relaxed);
         let worker = inner.clone();
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let handle = std::thread::Builder::new()
             .name("ds-committer".into())
             .spawn(move || {
@@ -443,6 +444,7 @@ impl FileEngine {
                     catalog,
                     wal,
                     dirty: HashSet::new(),
+                    runtime,
                 }
                 .run(rx)
             })
@@ -745,6 +747,9 @@ struct Committer {
     catalog: Catalog,
     wal: Wal,
     dirty: HashSet<u64>,
+    /// The runtime the engine was opened in: a committed batch's signals
+    /// and acknowledgements are sent from one task there (see `announce`).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Committer {
@@ -861,6 +866,9 @@ impl Committer {
         if result.is_ok() {
             result = self.write_and_sync(&jobs, &buf);
         }
+        let mut changed: Vec<Arc<FStream>> = Vec::new();
+        let mut changed_ids = HashSet::new();
+        let mut acks = Vec::new();
         for j in jobs {
             let Job::Write {
                 record,
@@ -880,7 +888,7 @@ impl Committer {
                 continue;
             }
             self.inner.stats.records.fetch_add(1, Ordering::Relaxed);
-            if let Some(s) = &stream {
+            if let Some(s) = stream {
                 let mut st = s.state.lock();
                 match publish {
                     Publish::None => {}
@@ -894,13 +902,44 @@ impl Committer {
                         st.durable_closed |= closed;
                     }
                 }
-                s.publish(&st);
+                drop(st);
+                if changed_ids.insert(s.id) {
+                    changed.push(s);
+                }
             }
             if let Some(a) = ack {
-                let _ = a.send(Ok(()));
+                acks.push(a);
             }
         }
+        self.announce(changed, acks);
         buf.len() as u64
+    }
+
+    /// Publishes the new state of the streams a batch changed, then
+    /// acknowledges its writes (so an append returns only once live readers
+    /// were signalled). Done by one task on the runtime when there is one:
+    /// waking a stream's live readers from this thread would hand each of
+    /// them to the runtime's shared queue, and a fan-out stream can have
+    /// thousands.
+    fn announce(&self, changed: Vec<Arc<FStream>>, acks: Vec<Ack>) {
+        if changed.is_empty() && acks.is_empty() {
+            return;
+        }
+        let run = move || {
+            for s in &changed {
+                let st = s.state.lock();
+                s.publish(&st);
+            }
+            for a in acks {
+                let _ = a.send(Ok(()));
+            }
+        };
+        match &self.runtime {
+            Some(rt) => {
+                rt.spawn(async move { run() });
+            }
+            None => run(),
+        }
     }
 
     /// Makes one batch durable. Order: WAL bytes written (not synced), the
