@@ -210,33 +210,33 @@ fn delivery(chunk: &ReadChunk, base64: bool) -> Delivery {
     }
 }
 
-/// The start of one connection's control events, written once: with its
-/// cursor while the stream is open, without once it is closed.
-struct ControlHeads {
-    open: Vec<u8>,
-    closed: Vec<u8>,
-}
+/// The start of one connection's control events while the stream is open
+/// (up to and including its cursor), written once per connection.
+struct ControlHead(Vec<u8>);
 
-impl ControlHeads {
+impl ControlHead {
     fn new(cursor: &str) -> Self {
-        let mut open = Vec::new();
-        sse::write_control_head(&mut open, Some(cursor), false);
-        let mut closed = Vec::new();
-        sse::write_control_head(&mut closed, None, true);
-        ControlHeads { open, closed }
+        let mut head = Vec::new();
+        sse::write_control_head(&mut head, Some(cursor), false);
+        ControlHead(head)
     }
 
     /// A buffer holding `data` (if any) and the control event of `d`.
     fn frame(&self, data: Option<&[u8]>, d: &Delivery) -> Bytes {
-        let head = if d.closed { &self.closed } else { &self.open };
         let data = data.unwrap_or_default();
-        let mut buf = Vec::with_capacity(data.len() + head.len() + d.control_tail.len());
+        let mut buf = Vec::with_capacity(data.len() + self.0.len() + d.control_tail.len());
         buf.extend_from_slice(data);
-        buf.extend_from_slice(head);
+        if d.closed {
+            // The last event of the connection: no cursor.
+            sse::write_control_head(&mut buf, None, true);
+        } else {
+            buf.extend_from_slice(&self.0);
+        }
         buf.extend_from_slice(&d.control_tail);
         Bytes::from(buf)
     }
 }
+
 /// Data events up to this size are copied into one buffer with their
 /// control event (one body frame); larger ones go out as their own frame.
 const COPY_DATA_EVENT_BYTES: usize = 16 * 1024;
@@ -275,7 +275,7 @@ pub async fn sse(
     let gauge = Metrics::live_reader(state, true);
     let base64 = !parse::is_sse_text(&first.meta.content_type);
     let incarnation = first.meta.incarnation;
-    let heads = ControlHeads::new(&cursor_for(state, client_cursor));
+    let head = ControlHead::new(&cursor_for(state, client_cursor));
     let deadline = Instant::now() + state.config.sse_reconnect_interval;
     let state = state.clone();
     let path = path.to_owned();
@@ -295,11 +295,11 @@ pub async fn sse(
             if let Some(data) = &d.data_event {
                 // A data event and its control event go out in one write.
                 if data.len() <= COPY_DATA_EVENT_BYTES {
-                    let buf = heads.frame(Some(data), &d);
+                    let buf = head.frame(Some(data), &d);
                     state.metrics.sent(ReadKind::Sse, buf.len() as u64);
                     yield Ok::<Bytes, std::convert::Infallible>(buf);
                 } else {
-                    let control = heads.frame(None, &d);
+                    let control = head.frame(None, &d);
                     state.metrics.sent(ReadKind::Sse, (data.len() + control.len()) as u64);
                     yield Ok(data.clone());
                     yield Ok(control);
@@ -310,7 +310,7 @@ pub async fn sse(
                 announced_up_to_date = d.up_to_date;
             } else {
                 if d.closed || !announced_up_to_date {
-                    let buf = heads.frame(None, &d);
+                    let buf = head.frame(None, &d);
                     state.metrics.sent(ReadKind::Sse, buf.len() as u64);
                     yield Ok(buf);
                     if d.closed {
