@@ -193,11 +193,14 @@ pub async fn sse(
     let deadline = Instant::now() + state.config.sse_reconnect_interval;
     let state = state.clone();
     let path = path.to_owned();
+    // Used in place by the stream below, not moved into new bindings: the
+    // captured copies would stay in the stream's state beside the moved
+    // ones, and an idle SSE connection costs what that state weighs.
+    let held = (slot, gauge);
+    let mut chunk = first;
 
     let events = async_stream::stream! {
-        let _slot = slot;
-        let _gauge = gauge;
-        let mut chunk = first;
+        let _held = &held;
         let mut announced_up_to_date = false;
         loop {
             let offset = chunk.next;
@@ -205,6 +208,8 @@ pub async fn sse(
                 // A data event and its control event go out in one write.
                 let mut buf = sse::data_event(&payload(&chunk), base64);
                 buf.extend_from_slice(&control(&chunk, &cursor));
+                // Sent: not kept while the connection waits for more.
+                chunk.data = Vec::new();
                 state.metrics.sent(ReadKind::Sse, buf.len() as u64);
                 yield Ok::<Bytes, std::convert::Infallible>(Bytes::from(buf));
                 if chunk_closed(&chunk) {
