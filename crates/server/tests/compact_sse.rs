@@ -264,7 +264,14 @@ async fn via_hyper_h2(url: &str) -> (reqwest::header::HeaderMap, Vec<u8>) {
 async fn compact_sse_sends_the_same_events_as_hyper() {
     let srv = ServerProc::start(&[]);
     let c = client();
-    let cases: [(&str, &str, &[&[u8]], Option<&str>); 3] = [
+    // (name, content type, appends, expected data encoding header)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [&'static [u8]],
+        Option<&'static str>,
+    );
+    let cases: [Case; 3] = [
         (
             "text",
             "text/plain",
