@@ -12,6 +12,7 @@
 //! [`Server::router`] and `Router::merge` it.
 
 pub mod auth;
+mod compact_sse;
 pub mod compression;
 pub mod config;
 pub mod error;
@@ -210,7 +211,7 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             // hyper answers 431 when the request head exceeds its read buffer.
             .max_buf_size(cfg.max_header_bytes.max(8192));
         builder
@@ -231,6 +232,7 @@ impl Server {
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
             shed_slots: Arc::new(tokio::sync::Semaphore::new(MAX_SHED_CONNECTIONS)),
             max_connections: cfg.max_connections,
+            shutdown: self.state.shutdown.clone(),
             last_shed_warning: parking_lot::Mutex::new(None),
         });
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -302,6 +304,8 @@ impl Server {
     }
 }
 
+/// Time a client has to send a complete request head.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Streams one HTTP/2 connection may carry at once.
 const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 /// Connections being answered 503 at once (beyond `max_connections`);
@@ -344,6 +348,9 @@ struct Connections {
     slots: Arc<tokio::sync::Semaphore>,
     shed_slots: Arc<tokio::sync::Semaphore>,
     max_connections: usize,
+    /// The server's shutdown signal, for connections not yet handed to
+    /// hyper (whose graceful shutdown covers the rest).
+    shutdown: tokio_util::sync::CancellationToken,
     last_shed_warning: parking_lot::Mutex<Option<std::time::Instant>>,
 }
 
@@ -354,11 +361,68 @@ impl Connections {
         peer: std::net::SocketAddr,
         tls: Option<tls::TlsContext>,
         watcher: hyper_util::server::graceful::Watcher,
-        _permit: tokio::sync::OwnedSemaphorePermit,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) {
+        // The hyper futures are boxed: this task's own state stays small,
+        // which is what an idle compact SSE connection costs.
+        match tls {
+            None => {
+                let head =
+                    compact_sse::read_head(&stream, peer, HEADER_READ_TIMEOUT, &self.shutdown)
+                        .await;
+                match head {
+                    compact_sse::Head::Closed => {}
+                    compact_sse::Head::Hyper(prefix) => {
+                        let io = compact_sse::Replay::new(prefix, stream);
+                        Box::pin(self.serve_hyper(io, peer, false, watcher)).await
+                    }
+                    compact_sse::Head::Compact(req) => {
+                        let mut stream = stream;
+                        let sending =
+                            Box::pin(compact_sse::start(&mut stream, self.app.clone(), req)).await;
+                        // The rest in a task of its own, sized for just
+                        // that (this one carries every phase's state).
+                        // It holds the watcher, so graceful shutdown
+                        // waits for it (the SSE body ends on shutdown by
+                        // itself), and the connection slot.
+                        tokio::spawn(compact_sse::finish(stream, sending, watcher, permit));
+                    }
+                }
+            }
+            Some(tls) => {
+                // Boxed: rustls' connection state is large.
+                let handshake = Box::pin(tokio::time::timeout(
+                    tls.handshake_timeout(),
+                    tls.acceptor().accept(stream),
+                ));
+                let stream = match handshake.await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                Box::pin(self.serve_hyper(stream, peer, true, watcher)).await
+            }
+        }
+    }
+
+    /// Serves a connection with hyper (HTTP/1.1 or HTTP/2).
+    async fn serve_hyper<I>(
+        &self,
+        io: I,
+        peer: std::net::SocketAddr,
+        is_tls: bool,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         // The client address, for rate limiting and logs.
         let app = self.app.clone();
-        let is_tls = tls.is_some();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(PeerAddr(peer));
@@ -371,33 +435,10 @@ impl Connections {
                     app.call(req.map(axum::body::Body::new)).await
                 }
             });
-        let result = match tls {
-            None => {
-                let conn = self
-                    .builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                watcher.watch(conn).await
-            }
-            Some(tls) => {
-                let handshake = tls.acceptor().accept(stream);
-                let stream = match tokio::time::timeout(tls.handshake_timeout(), handshake).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let conn = self
-                    .builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                watcher.watch(conn).await
-            }
-        };
-        if let Err(e) = result {
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), svc);
+        if let Err(e) = watcher.watch(conn).await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }

@@ -279,19 +279,22 @@ pub async fn sse(
     let deadline = Instant::now() + state.config.sse_reconnect_interval;
     let state = state.clone();
     let path = path.to_owned();
-    let first = Arc::new(delivery(&first, base64));
+    // Used in place by the stream below, not moved into new bindings: the
+    // captured copies would stay in the stream's state beside the moved
+    // ones, and an idle SSE connection costs what that state weighs.
+    let held = (slot, gauge);
+    let mut next = Some(Arc::new(delivery(&first, base64)));
+    let first_wake = wake_at_ms(deadline, first.meta.expires_at_ms);
+    drop(first);
 
     let events = async_stream::stream! {
-        let share = slot.share().clone();
-        let _slot = slot;
-        let _gauge = gauge;
+        let _held = &held;
         // Registered once for the whole connection (see `wait_past_with`).
-        let sleep = tokio::time::sleep_until(wake_at_ms(deadline, first.expires_at_ms));
+        let sleep = tokio::time::sleep_until(first_wake);
         let shutdown = state.shutdown.clone().cancelled_owned();
         tokio::pin!(sleep, shutdown);
-        let mut d = first;
         let mut announced_up_to_date = false;
-        loop {
+        while let Some(d) = next.take() {
             if let Some(data) = &d.data_event {
                 // A data event and its control event go out in one write.
                 if data.len() <= COPY_DATA_EVENT_BYTES {
@@ -308,31 +311,31 @@ pub async fn sse(
                     return;
                 }
                 announced_up_to_date = d.up_to_date;
-            } else {
-                if d.closed || !announced_up_to_date {
-                    let buf = head.frame(None, &d);
-                    state.metrics.sent(ReadKind::Sse, buf.len() as u64);
-                    yield Ok(buf);
-                    if d.closed {
-                        return;
-                    }
-                    announced_up_to_date = true;
+            } else if d.closed || !announced_up_to_date {
+                let buf = head.frame(None, &d);
+                state.metrics.sent(ReadKind::Sse, buf.len() as u64);
+                yield Ok(buf);
+                if d.closed {
+                    return;
                 }
+                announced_up_to_date = true;
             }
+            let (offset, up_to_date, expires_at_ms) = (d.next, d.up_to_date, d.expires_at_ms);
+            // Sent: not kept while the connection waits for more.
+            drop(d);
             if Instant::now() >= deadline || state.shutdown.is_cancelled() {
                 return;
             }
-            let offset = d.next;
-            let read = if !d.up_to_date {
+            let read = if !up_to_date {
                 // Catching up: more data is already there.
                 read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
             } else {
-                let until = wake_at_ms(deadline, d.expires_at_ms);
+                let until = wake_at_ms(deadline, expires_at_ms);
                 if sleep.deadline() != until {
                     sleep.as_mut().reset(until);
                 }
                 match wait_past_with(&mut rx, offset.0, sleep.as_mut(), shutdown.as_mut()).await {
-                    Wake::Changed(signal) if share.shared() => {
+                    Wake::Changed(signal) if held.0.share().shared() => {
                         // Readers woken by the same signal at the same
                         // offset share one read and one encoding.
                         let key = Key {
@@ -341,7 +344,8 @@ pub async fn sse(
                             tail: signal.tail.0,
                             closed: signal.closed,
                         };
-                        share
+                        held.0
+                            .share()
                             .get_or_read(key, || read_delivery(&state, &path, offset, incarnation, base64))
                             .await
                     }
@@ -355,8 +359,8 @@ pub async fn sse(
                     Wake::Timeout | Wake::Gone => return,
                 }
             };
-            d = match read {
-                Ok(d) => d,
+            next = match read {
+                Ok(d) => Some(d),
                 Err(_) => return,
             };
         }

@@ -1,0 +1,493 @@
+//! A compact path for HTTP/1.1 SSE on cleartext connections.
+//!
+//! hyper's HTTP/1 connection keeps an 8 KiB read buffer and an 8 KiB write
+//! buffer for the life of a connection, plus its dispatcher and the service
+//! futures: about 20 KiB per idle SSE reader. Here the first request head of
+//! a cleartext connection is read into a small buffer first. A complete
+//! `GET ...?live=sse` HTTP/1.1 request without a body is handed to the same
+//! axum [`Router`] as any other request (auth, rate limits, CORS, request ids
+//! and metrics apply unchanged); its response head is written here, then
+//! the body frames go straight to the socket as chunks, and the connection
+//! closes when the body ends. While idle such a connection holds only the
+//! socket, the response body and this task's small state.
+//!
+//! Anything else (h2c, other methods, other queries, a head that is not
+//! complete within the buffer, a parse error, bytes after the head) goes to
+//! hyper unchanged: the bytes already read are replayed in front of the
+//! socket by [`Replay`].
+
+use crate::PeerAddr;
+use axum::body::Body;
+use axum::Router;
+use bytes::Buf;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// First read of a connection; most request heads fit.
+const FIRST_READ_BYTES: usize = 2048;
+/// The largest head taken on the compact path; larger ones go to hyper,
+/// which applies `max_header_bytes`.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Headers httparse accepts (hyper's default limit too).
+const MAX_HEADERS: usize = 100;
+/// Bytes a client may send after its SSE request before it is cut off;
+/// they are read and dropped so the socket buffer does not fill.
+const MAX_DISCARD_BYTES: usize = 64 * 1024;
+
+/// How a connection's first request head decided.
+pub(crate) enum Head {
+    /// The peer left, the head timed out, or the server is shutting down.
+    Closed,
+    /// Serve with hyper, these bytes first.
+    Hyper(Vec<u8>),
+    /// An SSE request for the compact path.
+    Compact(Box<Request<Body>>),
+}
+
+/// Reads the first request head of a cleartext connection, as far as needed
+/// to decide; gives up after `timeout` (hyper's header read timeout) or at
+/// shutdown.
+pub(crate) async fn read_head(
+    stream: &TcpStream,
+    peer: std::net::SocketAddr,
+    timeout: std::time::Duration,
+    shutdown: &CancellationToken,
+) -> Head {
+    let deadline = Instant::now() + timeout;
+    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ_BYTES);
+    loop {
+        let read = async {
+            loop {
+                stream.readable().await?;
+                if buf.len() == buf.capacity() {
+                    buf.reserve(buf.capacity());
+                }
+                match stream.try_read_buf(&mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
+            }
+        };
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, read) => match r {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) | Err(_) => return Head::Closed,
+            },
+            _ = shutdown.cancelled() => return Head::Closed,
+        };
+        if n == 0 {
+            // EOF inside a head: let hyper answer what it would have.
+            return if buf.is_empty() {
+                Head::Closed
+            } else {
+                Head::Hyper(buf)
+            };
+        }
+        match classify(&buf, peer) {
+            Decision::NeedMore if buf.len() < MAX_HEAD_BYTES => {}
+            Decision::NeedMore | Decision::Hyper => return Head::Hyper(buf),
+            Decision::Compact(req) => return Head::Compact(req),
+        }
+    }
+}
+
+enum Decision {
+    NeedMore,
+    Hyper,
+    Compact(Box<Request<Body>>),
+}
+
+/// Decides from the bytes so far; cheap for everything that is not an SSE
+/// request (a prefix compare and a scan of the request line).
+fn classify(buf: &[u8], peer: std::net::SocketAddr) -> Decision {
+    const GET: &[u8] = b"GET ";
+    let n = buf.len().min(GET.len());
+    if buf[..n] != GET[..n] {
+        return Decision::Hyper;
+    }
+    let Some(line_end) = buf.iter().position(|&b| b == b'\n') else {
+        return Decision::NeedMore;
+    };
+    if !line_asks_sse(&buf[..line_end]) {
+        return Decision::Hyper;
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len == buf.len() => build(&parsed, peer)
+            .map(Decision::Compact)
+            .unwrap_or(Decision::Hyper),
+        // Bytes after the head (pipelining, or a body): hyper's job.
+        Ok(httparse::Status::Complete(_)) => Decision::Hyper,
+        Ok(httparse::Status::Partial) => Decision::NeedMore,
+        Err(_) => Decision::Hyper,
+    }
+}
+
+/// True when the request line's query has `live=sse`.
+fn line_asks_sse(line: &[u8]) -> bool {
+    let Some(q) = line.iter().position(|&b| b == b'?') else {
+        return false;
+    };
+    let rest = &line[q + 1..];
+    let end = rest
+        .iter()
+        .position(|&b| b == b' ' || b == b'#')
+        .unwrap_or(rest.len());
+    rest[..end].split(|&b| b == b'&').any(|p| p == b"live=sse")
+}
+
+/// The request as hyper would have built it, or `None` when it is not one
+/// for the compact path (hyper then serves it and answers any error).
+fn build(
+    parsed: &httparse::Request<'_, '_>,
+    peer: std::net::SocketAddr,
+) -> Option<Box<Request<Body>>> {
+    if parsed.method != Some("GET") || parsed.version != Some(1) {
+        return None;
+    }
+    let uri = http::Uri::try_from(parsed.path?).ok()?;
+    uri.path_and_query()?;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        // A body, an upgrade or an expectation: hyper handles those.
+        if name == http::header::CONTENT_LENGTH
+            || name == http::header::TRANSFER_ENCODING
+            || name == http::header::UPGRADE
+            || name == http::header::EXPECT
+        {
+            return None;
+        }
+        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+    }
+    let mut req = Request::new(Body::empty());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req.extensions_mut().insert(PeerAddr(peer));
+    Some(Box::new(req))
+}
+
+/// Calls the router with `req` and writes its response head to `stream`;
+/// returns the body still to send, if any. Boxed by the caller: the
+/// router's future is large and only lives until the head is written.
+pub(crate) async fn start(
+    stream: &mut TcpStream,
+    app: Router,
+    req: Box<Request<Body>>,
+) -> Option<Sending> {
+    let resp = tower::ServiceExt::oneshot(app, *req).await;
+    let resp: Response<Body> = match resp {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let (parts, body) = resp.into_parts();
+    let framing = framing(parts.status, &parts.headers, &body);
+    let head = encode_head(parts.status, &parts.headers, framing);
+    drop(parts);
+    stream.write_all(&head).await.ok()?;
+    (framing != Framing::None).then_some(Sending { body, framing })
+}
+
+/// A response body being sent on a compact connection.
+pub(crate) struct Sending {
+    body: Body,
+    framing: Framing,
+}
+
+/// Sends the rest of a response, then closes the connection. Spawned as a
+/// task of its own so an idle SSE connection holds just this: the socket,
+/// the body, the output being written, and the graceful-shutdown watcher
+/// and connection slot kept until the end. A hand-written future rather
+/// than an `async fn`: readiness is polled directly, with no per-await
+/// future state, so it stays a couple of hundred bytes.
+pub(crate) fn finish<W: Unpin, P: Unpin>(
+    stream: TcpStream,
+    sending: Option<Sending>,
+    watcher: W,
+    permit: P,
+) -> Finish<W, P> {
+    let (body, framing) = match sending {
+        Some(s) => (Some(s.body), s.framing),
+        None => (None, Framing::None),
+    };
+    Finish {
+        stream,
+        body,
+        framing,
+        out: None,
+        discarded_bytes: 0,
+        closing: false,
+        _held: (watcher, permit),
+    }
+}
+
+/// Output being written: a chunk-size line, data, and a CRLF (the first
+/// and last empty without chunked coding).
+type Out = bytes::buf::Chain<
+    bytes::buf::Chain<bytes::buf::Take<io::Cursor<[u8; 18]>>, bytes::Bytes>,
+    &'static [u8],
+>;
+
+pub(crate) struct Finish<W, P> {
+    stream: TcpStream,
+    /// `None` once it ended (or failed, or there was none).
+    body: Option<Body>,
+    framing: Framing,
+    out: Option<Out>,
+    discarded_bytes: usize,
+    /// Shutting the socket down: nothing more is sent.
+    closing: bool,
+    _held: (W, P),
+}
+
+impl<W: Unpin, P: Unpin> std::future::Future for Finish<W, P> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        use axum::body::HttpBody as _;
+        let this = self.get_mut();
+        loop {
+            if let Some(out) = &mut this.out {
+                match tokio_util::io::poll_write_buf(Pin::new(&mut this.stream), cx, out) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        if !out.has_remaining() {
+                            this.out = None;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if this.closing {
+                return Pin::new(&mut this.stream).poll_shutdown(cx).map(|_| ());
+            }
+            // The peer leaving (EOF, reset) ends the response at once, so
+            // the body, and the live-reader slot it holds, go now rather
+            // than at the next event. Anything it sends is dropped.
+            if let Poll::Ready(r) = this.stream.poll_read_ready(cx) {
+                if r.is_err() {
+                    return Poll::Ready(());
+                }
+                let mut scratch = [0u8; 512];
+                match this.stream.try_read(&mut scratch) {
+                    Ok(0) => return Poll::Ready(()),
+                    Ok(n) => {
+                        this.discarded_bytes += n;
+                        if this.discarded_bytes > MAX_DISCARD_BYTES {
+                            return Poll::Ready(());
+                        }
+                    }
+                    // Readiness was stale; cleared by this read.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(()),
+                }
+                continue;
+            }
+            let Some(body) = &mut this.body else {
+                this.closing = true;
+                continue;
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                // A failed body: close without the last chunk, so the
+                // client sees the response cut short, not complete.
+                Poll::Ready(Some(Err(_))) => return Poll::Ready(()),
+                Poll::Ready(None) => {
+                    this.body = None;
+                    if this.framing == Framing::Chunked {
+                        this.out = Some(out(b"0\r\n", bytes::Bytes::new(), b"\r\n"));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue; // trailers: not sent
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    this.out = Some(if this.framing == Framing::Chunked {
+                        let mut size = [0u8; 18];
+                        let n = chunk_size_line(&mut size, data.len());
+                        out(&size[..n], data, b"\r\n")
+                    } else {
+                        out(b"", data, b"")
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn out(prefix: &[u8], data: bytes::Bytes, suffix: &'static [u8]) -> Out {
+    let mut line = [0u8; 18];
+    line[..prefix.len()].copy_from_slice(prefix);
+    io::Cursor::new(line)
+        .take(prefix.len())
+        .chain(data)
+        .chain(suffix)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (204, 304).
+    None,
+    /// The body as is: its length is in `Content-Length` (the router's, or
+    /// this one from the body's exact size).
+    Length(Option<u64>),
+    /// Chunked transfer coding, ended by the zero chunk.
+    Chunked,
+}
+
+fn framing(status: StatusCode, headers: &HeaderMap, body: &Body) -> Framing {
+    use axum::body::HttpBody as _;
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::None
+    } else if headers.contains_key(http::header::CONTENT_LENGTH) {
+        Framing::Length(None)
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(Some(n))
+    } else {
+        Framing::Chunked
+    }
+}
+
+/// Status line and headers: the router's, with the connection's framing
+/// and `Connection: close`, and `Date` as hyper adds it.
+fn encode_head(status: StatusCode, headers: &HeaderMap, framing: Framing) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        // Connection-level headers are this connection's to set.
+        if name == http::header::CONNECTION
+            || name == http::header::TRANSFER_ENCODING
+            || name == "keep-alive"
+        {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !headers.contains_key(http::header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"connection: close\r\n");
+    match framing {
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(Some(n)) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Length(None) | Framing::None => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Writes `{len:x}\r\n` into `out`; returns its length.
+fn chunk_size_line(out: &mut [u8; 18], len: usize) -> usize {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut n = 0;
+    let mut v = len;
+    loop {
+        digits[n] = HEX[v & 0xf];
+        n += 1;
+        v >>= 4;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    out[n] = b'\r';
+    out[n + 1] = b'\n';
+    n + 2
+}
+
+/// A socket with bytes already read from it put back in front.
+pub(crate) struct Replay<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    pub(crate) fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Replay {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = buf.remaining().min(this.prefix.len() - this.pos);
+            buf.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                // Replayed: free the buffer for the rest of the connection.
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
