@@ -241,8 +241,7 @@ impl ControlHead {
 /// control event (one body frame); larger ones go out as their own frame.
 const COPY_DATA_EVENT_BYTES: usize = 16 * 1024;
 
-/// A read for an SSE reader; refuses data of another incarnation of the
-/// path (the stream was deleted and re-created under the reader).
+/// A read for an SSE reader (see [`checked_delivery`]).
 async fn read_delivery(
     state: &AppState,
     path: &str,
@@ -254,10 +253,20 @@ async fn read_delivery(
         .engine
         .read(path, ReadFrom::At(from), state.config.read_chunk_bytes)
         .await?;
+    checked_delivery(&chunk, incarnation, base64)
+}
+
+/// A chunk encoded for SSE; refuses data of another incarnation of the
+/// path (the stream was deleted and re-created under the reader).
+fn checked_delivery(
+    chunk: &ReadChunk,
+    incarnation: u64,
+    base64: bool,
+) -> Result<Delivery, StorageError> {
     if chunk.meta.incarnation != incarnation {
         return Err(StorageError::NotFound);
     }
-    Ok(delivery(&chunk, base64))
+    Ok(delivery(chunk, base64))
 }
 
 pub async fn sse(
@@ -284,13 +293,12 @@ pub async fn sse(
     // ones, and an idle SSE connection costs what that state weighs.
     let held = (slot, gauge);
     let mut next = Some(Arc::new(delivery(&first, base64)));
-    let first_wake = wake_at_ms(deadline, first.meta.expires_at_ms);
     drop(first);
 
     let events = async_stream::stream! {
         let _held = &held;
         // Registered once for the whole connection (see `wait_past_with`).
-        let sleep = tokio::time::sleep_until(first_wake);
+        let sleep = tokio::time::sleep_until(deadline);
         let shutdown = state.shutdown.clone().cancelled_owned();
         tokio::pin!(sleep, shutdown);
         let mut announced_up_to_date = false;
@@ -326,38 +334,45 @@ pub async fn sse(
             if Instant::now() >= deadline || state.shutdown.is_cancelled() {
                 return;
             }
-            let read = if !up_to_date {
+            // How the next delivery is read: `None` directly, `Some(key)`
+            // shared with the stream's other readers.
+            let shared = if !up_to_date {
                 // Catching up: more data is already there.
-                read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
+                None
             } else {
                 let until = wake_at_ms(deadline, expires_at_ms);
                 if sleep.deadline() != until {
                     sleep.as_mut().reset(until);
                 }
                 match wait_past_with(&mut rx, offset.0, sleep.as_mut(), shutdown.as_mut()).await {
-                    Wake::Changed(signal) if held.0.share().shared() => {
-                        // Readers woken by the same signal at the same
-                        // offset share one read and one encoding.
-                        let key = Key {
-                            incarnation,
-                            from: offset.0,
-                            tail: signal.tail.0,
-                            closed: signal.closed,
-                        };
-                        held.0
-                            .share()
-                            .get_or_read(key, || read_delivery(&state, &path, offset, incarnation, base64))
-                            .await
-                    }
-                    Wake::Changed(_) => {
-                        read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
-                    }
+                    // Readers woken by the same signal at the same offset
+                    // share one read and one encoding.
+                    Wake::Changed(signal) if held.0.share().shared() => Some(Key {
+                        incarnation,
+                        from: offset.0,
+                        tail: signal.tail.0,
+                        closed: signal.closed,
+                    }),
+                    Wake::Changed(_) => None,
                     // Woken by expiry: the read answers whether it is gone.
-                    Wake::Timeout if Instant::now() < deadline && !state.shutdown.is_cancelled() => {
-                        read_delivery(&state, &path, offset, incarnation, base64).await.map(Arc::new)
-                    }
+                    Wake::Timeout if Instant::now() < deadline && !state.shutdown.is_cancelled() => None,
                     Wake::Timeout | Wake::Gone => return,
                 }
+            };
+            // The read futures are boxed or awaited in place (the engine's
+            // is boxed already) so they add little to an idle connection's
+            // state, which is as large as its largest suspended future.
+            let read = match shared.map(|key| held.0.share().lookup(key)) {
+                Some(Ok(d)) => Ok(d),
+                Some(Err(pending)) => {
+                    Box::pin(held.0.share().fill(pending, || read_delivery(&state, &path, offset, incarnation, base64))).await
+                }
+                None => state
+                    .engine
+                    .read(&path, ReadFrom::At(offset), state.config.read_chunk_bytes)
+                    .await
+                    .and_then(|chunk| checked_delivery(&chunk, incarnation, base64))
+                    .map(Arc::new),
             };
             next = match read {
                 Ok(d) => Some(d),

@@ -71,6 +71,10 @@ impl Budget {
     }
 }
 
+/// A cache entry still to be filled (see [`StreamShare::lookup`]).
+#[derive(Debug)]
+pub struct Pending(Arc<Slot>);
+
 #[derive(Debug)]
 struct Slot {
     key: Key,
@@ -114,10 +118,34 @@ impl StreamShare {
     where
         Fut: Future<Output = Result<Delivery, E>>,
     {
-        let slot = self.slot(key);
-        if let Some(d) = slot.cell.get() {
-            return Ok(d.clone());
+        match self.lookup(key) {
+            Ok(d) => Ok(d),
+            Err(pending) => self.fill(pending, read).await,
         }
+    }
+
+    /// The cached delivery for `key`, or the entry to [`fill`](Self::fill).
+    /// Synchronous, so a reader served from the cache (all but the first
+    /// per append) keeps no read future in its connection's state.
+    pub fn lookup(&self, key: Key) -> Result<Arc<Delivery>, Pending> {
+        let slot = self.slot(key);
+        match slot.cell.get() {
+            Some(d) => Ok(d.clone()),
+            None => Err(Pending(slot)),
+        }
+    }
+
+    /// Fills an entry [`lookup`](Self::lookup) found empty with the result
+    /// of `read`, or waits for a concurrent caller's.
+    pub async fn fill<E, Fut>(
+        &self,
+        pending: Pending,
+        read: impl FnOnce() -> Fut,
+    ) -> Result<Arc<Delivery>, E>
+    where
+        Fut: Future<Output = Result<Delivery, E>>,
+    {
+        let slot = pending.0;
         let mut filled = false;
         let d = slot
             .cell
