@@ -87,6 +87,7 @@ struct Slot {
 /// at least one (the live-reader registry in `AppState` owns it).
 #[derive(Debug)]
 pub struct StreamShare {
+    path: String,
     /// Live readers of this path; with one there is nothing to share.
     pub(crate) readers: AtomicUsize,
     slots: Mutex<VecDeque<Arc<Slot>>>,
@@ -94,12 +95,18 @@ pub struct StreamShare {
 }
 
 impl StreamShare {
-    pub fn new(budget: Arc<Budget>) -> Self {
+    pub fn new(path: String, budget: Arc<Budget>) -> Self {
         StreamShare {
+            path,
             readers: AtomicUsize::new(0),
             slots: Mutex::new(VecDeque::with_capacity(SLOTS_PER_STREAM)),
             budget,
         }
+    }
+
+    /// The stream's path.
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     /// True when more than one live reader could use a shared entry.
@@ -259,7 +266,7 @@ mod tests {
     /// without reading; a different key reads again.
     #[tokio::test]
     async fn same_key_reads_once() {
-        let share = StreamShare::new(Arc::default());
+        let share = StreamShare::new("s".into(), Arc::default());
         let a = share
             .get_or_read(key(1, 0), || async { Ok::<_, ()>(delivery(10)) })
             .await
@@ -280,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn budget_is_bounded_and_released() {
         let budget = Arc::new(Budget::default());
-        let share = StreamShare::new(budget.clone());
+        let share = StreamShare::new("s".into(), budget.clone());
         for from in 0..10 {
             share
                 .get_or_read(key(1, from), || async { Ok::<_, ()>(delivery(100)) })

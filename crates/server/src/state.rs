@@ -86,7 +86,10 @@ impl AppState {
         let share = match per.get(path) {
             Some(share) => share.clone(),
             None => {
-                let share = Arc::new(StreamShare::new(self.sse_cache_budget.clone()));
+                let share = Arc::new(StreamShare::new(
+                    path.to_owned(),
+                    self.sse_cache_budget.clone(),
+                ));
                 per.insert(path.to_owned(), share.clone());
                 share
             }
@@ -104,7 +107,6 @@ impl AppState {
         share.readers.store(n + 1, Ordering::Relaxed);
         Ok(LiveGuard {
             state: self.clone(),
-            path: path.to_owned(),
             share,
         })
     }
@@ -123,7 +125,8 @@ impl AppState {
 #[derive(Debug)]
 pub struct LiveGuard {
     state: Arc<AppState>,
-    path: String,
+    /// Also names the stream (one copy of the path per stream, not per
+    /// reader).
     share: Arc<StreamShare>,
 }
 
@@ -143,7 +146,7 @@ impl Drop for LiveGuard {
         if n == 0 {
             // Drops the stream's cached events once the last reader's
             // guard is gone.
-            per.remove(&self.path);
+            per.remove(self.share.path());
         }
     }
 }
