@@ -234,6 +234,7 @@ impl Server {
             max_connections: cfg.max_connections,
             shutdown: self.state.shutdown.clone(),
             last_shed_warning: parking_lot::Mutex::new(None),
+            state: self.state.clone(),
         });
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let sweeper = tokio::spawn(sweep(self.state.clone()));
@@ -278,14 +279,21 @@ impl Server {
                     let watcher = graceful.watcher();
                     tokio::spawn(conns.clone().serve(stream, peer, tls, watcher, permit));
                 }
-                Err(_) => match conns.shed_slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        conns.warn_shedding();
-                        tokio::spawn(conns.clone().shed(stream, tls, permit));
+                Err(_) => {
+                    conns
+                        .state
+                        .metrics
+                        .shed_connections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match conns.shed_slots.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            conns.warn_shedding();
+                            tokio::spawn(conns.clone().shed(stream, tls, permit));
+                        }
+                        // Over both caps: closing at once is the cheapest answer.
+                        Err(_) => drop(stream),
                     }
-                    // Over both caps: closing at once is the cheapest answer.
-                    Err(_) => drop(stream),
-                },
+                }
             }
         }
         tracing::info!("shutting down: draining connections");
@@ -352,6 +360,8 @@ struct Connections {
     /// hyper (whose graceful shutdown covers the rest).
     shutdown: tokio_util::sync::CancellationToken,
     last_shed_warning: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// For the shed-connection counter.
+    state: Arc<AppState>,
 }
 
 impl Connections {

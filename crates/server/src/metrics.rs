@@ -143,6 +143,9 @@ pub struct Metrics {
     pub live_sse: AtomicU64,
     /// Server-side time of `append` requests, nanoseconds.
     pub append_latency_ns: Histogram,
+    /// Connections refused over `max_connections` (answered 503, or closed
+    /// at once when too many were already being answered).
+    pub shed_connections: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -158,6 +161,7 @@ impl Default for Metrics {
             live_long_poll: AtomicU64::new(0),
             live_sse: AtomicU64::new(0),
             append_latency_ns: Histogram::new(LATENCY_BUCKETS_NS),
+            shed_connections: AtomicU64::new(0),
         }
     }
 }
@@ -251,6 +255,13 @@ impl Metrics {
             "Payload bytes of committed appends",
             "counter",
             load(&self.append_bytes),
+        );
+        single(
+            &mut out,
+            "ds_shed_connections_total",
+            "Connections refused over max_connections (503 Retry-After, or closed)",
+            "counter",
+            load(&self.shed_connections),
         );
         single(
             &mut out,

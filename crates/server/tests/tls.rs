@@ -370,8 +370,8 @@ async fn sighup_reloads_certificate_without_dropping_connections() {
 }
 
 /// At --max-connections, a further connection is answered `503` with
-/// `Retry-After: 1` and closed rather than left waiting; once a connection
-/// closes, new ones are served again.
+/// `Retry-After: 1` and closed rather than left waiting, and counted in
+/// /metrics; once a connection closes, new ones are served again.
 #[test]
 fn connection_cap_sheds_with_503_and_retry_after() {
     let srv = Served::start(&["dev", "--port", "0", "--max-connections", "2"], &[], 1);
@@ -413,6 +413,15 @@ fn connection_cap_sheds_with_503_and_retry_after() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The refusal is counted for operators.
+    let (code, metrics) = curl(&[&format!("http://{addr}/metrics")]);
+    assert_eq!(code, 0, "{metrics}");
+    let shed: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ds_shed_connections_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no ds_shed_connections_total in:\n{metrics}"));
+    assert!(shed >= 1, "shed {shed}");
 }
 
 /// Without a configured public URL, the URLs a subscription hands out
