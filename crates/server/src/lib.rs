@@ -542,9 +542,13 @@ async fn readyz_handler(State(state): State<Arc<AppState>>) -> axum::response::R
 async fn metrics_handler(State(state): State<Arc<AppState>>) -> axum::response::Response {
     // Rendering reads /proc (process metrics): off the async workers.
     let body = tokio::task::spawn_blocking(move || {
-        state
-            .metrics
-            .render(&state.engine.metrics(), &state.engine.histograms())
+        let mut gauges = state.engine.metrics();
+        gauges.push((
+            "ds_sse_cache_bytes",
+            "Bytes of encoded SSE events shared by fan-out readers now",
+            state.sse_cache_bytes() as u64,
+        ));
+        state.metrics.render(&gauges, &state.engine.histograms())
     })
     .await;
     let Ok(body) = body else {

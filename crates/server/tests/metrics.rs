@@ -369,6 +369,10 @@ async fn metrics_count_every_operation() {
     assert_eq!(s.get("ds_streams"), 2.0);
     assert_eq!(s.get("ds_store_failed"), 0.0);
     assert!(s.get("ds_disk_bytes") > 0.0);
+    // No reader left, so the shared SSE event cache holds nothing; no
+    // connection was refused.
+    assert_eq!(s.get("ds_sse_cache_bytes"), 0.0);
+    assert_eq!(s.get("ds_shed_connections_total"), 0.0);
     if cfg!(target_os = "linux") {
         assert!(s.get("process_resident_memory_bytes") > 0.0);
         assert!(s.get("process_open_fds") > 0.0);
