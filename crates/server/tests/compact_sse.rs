@@ -8,77 +8,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 mod support;
+use support::ServerProc;
 
 /// Generous bound for anything a test waits for; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(15);
-
-/// A running server process; killed (and reaped) on drop.
-struct ServerProc {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<String>>,
-    exited: Option<ExitStatus>,
-}
-
-impl ServerProc {
-    fn start(args: &[&str]) -> ServerProc {
-        let sp = support::spawn(
-            ["dev", "--port", "0"]
-                .iter()
-                .copied()
-                .chain(args.iter().copied()),
-        );
-        let mut proc = ServerProc {
-            child: sp.child,
-            addr: ([0, 0, 0, 0], 0).into(),
-            log: sp.log,
-            exited: None,
-        };
-        match sp.addr.recv_timeout(PATIENCE) {
-            Ok(addr) => proc.addr = addr,
-            Err(_) => panic!("server did not start; stderr:\n{}", proc.log()),
-        }
-        proc
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                self.exited = Some(st);
-                return Some(st);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for ServerProc {
-    fn drop(&mut self) {
-        if self.exited.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()

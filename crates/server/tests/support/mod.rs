@@ -6,8 +6,9 @@
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_durable-streams-server");
 
@@ -95,5 +96,78 @@ where
         child,
         log,
         addr: rx,
+    }
+}
+
+/// A running server process; killed (and reaped) on drop.
+pub struct ServerProc {
+    pub child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    exited: Option<ExitStatus>,
+}
+
+impl ServerProc {
+    /// Starts `durable-streams-server dev --port 0 <args>` and waits for its listening line.
+    pub fn start(args: &[&str]) -> ServerProc {
+        let sp = spawn(
+            ["dev", "--port", "0"]
+                .iter()
+                .copied()
+                .chain(args.iter().copied()),
+        );
+        let rx = sp.addr;
+        let log = sp.log;
+        // The guard exists before anything can panic, so the child never leaks.
+        let mut proc = ServerProc {
+            child: sp.child,
+            addr: ([0, 0, 0, 0], 0).into(),
+            log,
+            exited: None,
+        };
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(addr) => proc.addr = addr,
+            Err(_) => panic!(
+                "server did not log its listening address; stderr:\n{}",
+                proc.log()
+            ),
+        }
+        proc
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit` for the process to exit on its own.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(st);
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
