@@ -5,57 +5,22 @@
 
 use durable_streams_server::Server;
 use std::collections::HashMap;
-use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod support;
+use support::ServerProc;
 
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
 
-/// The real binary, killed on drop; its data directory removed on drop.
-struct Proc {
-    child: Child,
-    base: String,
-    data_dir: Option<std::path::PathBuf>,
-    log: Arc<std::sync::Mutex<String>>,
-}
+/// A directory removed (with its contents) on drop.
+struct TempDir(std::path::PathBuf);
 
-impl Proc {
-    fn start(args: &[&str], data_dir: Option<std::path::PathBuf>) -> Proc {
-        let mut all: Vec<String> = vec!["dev".into(), "--port".into(), "0".into()];
-        all.extend(args.iter().map(|s| s.to_string()));
-        if let Some(d) = &data_dir {
-            all.push("--data-dir".into());
-            all.push(d.display().to_string());
-        }
-        let sp = support::spawn(&all);
-        let mut p = Proc {
-            child: sp.child,
-            base: String::new(),
-            data_dir,
-            log: sp.log,
-        };
-        match sp.addr.recv_timeout(Duration::from_secs(15)) {
-            Ok(a) => p.base = format!("http://{a}"),
-            Err(_) => panic!("no listening line; stderr:\n{}", p.log.lock().unwrap()),
-        }
-        p
-    }
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Proc {
+impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(d) = &self.data_dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -199,7 +164,7 @@ impl Scrape {
     }
 }
 
-async fn scrape(c: &reqwest::Client, p: &Proc) -> Scrape {
+async fn scrape(c: &reqwest::Client, p: &ServerProc) -> Scrape {
     let r = c.get(p.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"]
@@ -210,7 +175,12 @@ async fn scrape(c: &reqwest::Client, p: &Proc) -> Scrape {
 }
 
 /// Scrapes until `ok` holds (bounded; no timing assertion).
-async fn scrape_until(c: &reqwest::Client, p: &Proc, what: &str, ok: impl Fn(&Scrape) -> bool) {
+async fn scrape_until(
+    c: &reqwest::Client,
+    p: &ServerProc,
+    what: &str,
+    ok: impl Fn(&Scrape) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = scrape(c, p).await;
@@ -231,7 +201,8 @@ async fn scrape_until(c: &reqwest::Client, p: &Proc, what: &str, ok: impl Fn(&Sc
 /// every counter, gauge and histogram moved by exactly what was done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_operation() {
-    let p = Proc::start(&[], Some(temp_dir("ops")));
+    let dir = TempDir(temp_dir("ops"));
+    let p = ServerProc::start(&["--data-dir", dir.0.to_str().unwrap()]);
     let c = client();
     let url = p.url("/v1/stream/a");
     let put = c
@@ -490,7 +461,7 @@ fn sane(id: &str) -> bool {
 /// is generated, different for every request; the id is CORS-exposed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_are_echoed_replaced_or_generated() {
-    let p = Proc::start(&[], None);
+    let p = ServerProc::start(&[]);
     let c = client();
     let url = p.url("/v1/stream/r");
     let max = "x".repeat(128);
