@@ -48,6 +48,8 @@ pub(crate) enum Head {
     Hyper(Vec<u8>),
     /// An SSE request for the compact path.
     Compact(Box<Request<Body>>),
+    /// A catch-up read for [`crate::compact_get`].
+    CatchUp(Box<Request<Body>>),
 }
 
 /// Reads the first request head of a cleartext connection, as far as needed
@@ -58,6 +60,7 @@ pub(crate) async fn read_head(
     peer: std::net::SocketAddr,
     timeout: std::time::Duration,
     shutdown: &CancellationToken,
+    codings: &[crate::compression::Algorithm],
 ) -> Head {
     let deadline = Instant::now() + timeout;
     let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ_BYTES);
@@ -89,10 +92,11 @@ pub(crate) async fn read_head(
                 Head::Hyper(buf)
             };
         }
-        match classify(&buf, peer) {
+        match classify(&buf, peer, codings) {
             Decision::NeedMore if buf.len() < MAX_HEAD_BYTES => {}
             Decision::NeedMore | Decision::Hyper => return Head::Hyper(buf),
             Decision::Compact(req) => return Head::Compact(req),
+            Decision::CatchUp(req) => return Head::CatchUp(req),
         }
     }
 }
@@ -101,11 +105,18 @@ enum Decision {
     NeedMore,
     Hyper,
     Compact(Box<Request<Body>>),
+    CatchUp(Box<Request<Body>>),
 }
 
 /// Decides from the bytes so far; cheap for everything that is not an SSE
 /// request (a prefix compare and a scan of the request line).
-fn classify(buf: &[u8], peer: std::net::SocketAddr) -> Decision {
+/// `codings`: the compression codings the server may answer with (none
+/// when compression is off).
+fn classify(
+    buf: &[u8],
+    peer: std::net::SocketAddr,
+    codings: &[crate::compression::Algorithm],
+) -> Decision {
     const GET: &[u8] = b"GET ";
     let n = buf.len().min(GET.len());
     if buf[..n] != GET[..n] {
@@ -114,15 +125,24 @@ fn classify(buf: &[u8], peer: std::net::SocketAddr) -> Decision {
     let Some(line_end) = buf.iter().position(|&b| b == b'\n') else {
         return Decision::NeedMore;
     };
-    if !line_asks_sse(&buf[..line_end]) {
+    let line = &buf[..line_end];
+    let sse = line_asks_sse(line);
+    if !sse && !crate::compact_get::line_asks_catch_up(line) {
         return Decision::Hyper;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) if len == buf.len() => build(&parsed, peer)
-            .map(Decision::Compact)
-            .unwrap_or(Decision::Hyper),
+        Ok(httparse::Status::Complete(len)) if len == buf.len() => match build(&parsed, peer) {
+            None => Decision::Hyper,
+            Some(req) if sse => Decision::Compact(req),
+            // Without sendfile (a compressed answer) hyper is as good.
+            Some(mut req) if crate::compact_get::identity_only(req.headers(), codings) => {
+                req.extensions_mut().insert(crate::compact_get::ZeroCopy);
+                Decision::CatchUp(req)
+            }
+            Some(_) => Decision::Hyper,
+        },
         // Bytes after the head (pipelining, or a body): hyper's job.
         Ok(httparse::Status::Complete(_)) => Decision::Hyper,
         Ok(httparse::Status::Partial) => Decision::NeedMore,
@@ -191,7 +211,7 @@ pub(crate) async fn start(
     };
     let (parts, body) = resp.into_parts();
     let framing = framing(parts.status, &parts.headers, &body);
-    let head = encode_head(parts.status, &parts.headers, framing);
+    let head = encode_head(parts.status, &parts.headers, framing, true);
     drop(parts);
     stream.write_all(&head).await.ok()?;
     (framing != Framing::None).then_some(Sending { body, framing })
@@ -338,7 +358,7 @@ fn out(prefix: &[u8], data: bytes::Bytes, suffix: &'static [u8]) -> Out {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// No body (204, 304).
     None,
     /// The body as is: its length is in `Content-Length` (the router's, or
@@ -348,7 +368,7 @@ enum Framing {
     Chunked,
 }
 
-fn framing(status: StatusCode, headers: &HeaderMap, body: &Body) -> Framing {
+pub(crate) fn framing(status: StatusCode, headers: &HeaderMap, body: &Body) -> Framing {
     use axum::body::HttpBody as _;
     if status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -364,9 +384,14 @@ fn framing(status: StatusCode, headers: &HeaderMap, body: &Body) -> Framing {
     }
 }
 
-/// Status line and headers: the router's, with the connection's framing
-/// and `Connection: close`, and `Date` as hyper adds it.
-fn encode_head(status: StatusCode, headers: &HeaderMap, framing: Framing) -> Vec<u8> {
+/// Status line and headers: the router's, with the connection's framing,
+/// `Connection: close` when `close`, and `Date` as hyper adds it.
+pub(crate) fn encode_head(
+    status: StatusCode,
+    headers: &HeaderMap,
+    framing: Framing,
+    close: bool,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -391,7 +416,9 @@ fn encode_head(status: StatusCode, headers: &HeaderMap, framing: Framing) -> Vec
         out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"connection: close\r\n");
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
     match framing {
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Length(Some(n)) => {

@@ -20,16 +20,27 @@ use std::sync::Arc;
 /// Cache policy of a catch-up response that carries data (PROTOCOL.md 10.1).
 pub const CACHE_PUBLIC: &str = "public, max-age=60, stale-while-revalidate=300";
 
-/// Dispatches a request under the stream prefix. `https`: the request came
-/// over TLS (URLs handed out without a configured public URL use https).
+/// What a request's connection allows.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conn {
+    /// The request came over TLS (URLs handed out without a configured
+    /// public URL use https).
+    pub https: bool,
+    /// A catch-up response may leave its bytes in the engine's file
+    /// ([`crate::compact_get::FileBody`]): the connection sends them.
+    pub zero_copy: bool,
+}
+
+/// Dispatches a request under the stream prefix.
 pub async fn dispatch(
     state: Arc<AppState>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Body,
-    https: bool,
+    conn: Conn,
 ) -> Response {
+    let https = conn.https;
     let target = match request::resolve_path(&state.config.path_prefix, uri.path()) {
         None => return ApiError::NotFound.into_response(),
         Some(Err(e)) => return e.into_response(),
@@ -53,7 +64,7 @@ pub async fn dispatch(
     let result = match method {
         Method::PUT => create(&state, &path, &uri, &headers, body).await,
         Method::POST => append(&state, &path, &headers, body).await,
-        Method::GET => read(&state, &path, &uri, &headers).await,
+        Method::GET => read(&state, &path, &uri, &headers, conn.zero_copy).await,
         Method::HEAD => head(&state, &path).await,
         Method::DELETE => delete(&state, &path).await,
         _ => Err(ApiError::MethodNotAllowed),
@@ -374,9 +385,13 @@ async fn read(
     path: &str,
     uri: &Uri,
     headers: &HeaderMap,
+    zero_copy: bool,
 ) -> Result<Response, ApiError> {
     let q = request::parse_read_query(uri.query())?;
     match q.live {
+        LiveMode::CatchUp if zero_copy && q.offset != OffsetParam::Now => {
+            catch_up_file(state, path, q.offset, headers).await
+        }
         LiveMode::CatchUp => catch_up(state, path, q.offset, headers).await,
         LiveMode::LongPoll => {
             live::long_poll(state, path, q.offset, q.cursor.as_deref(), headers).await
@@ -413,6 +428,36 @@ async fn catch_up(
     }
     let resp = chunk_response(&chunk, headers);
     count_sent(state, ReadKind::CatchUp, &resp, &chunk);
+    Ok(resp)
+}
+
+/// A catch-up read whose bytes may stay in the engine's file: the response
+/// then carries a [`FileBody`](crate::compact_get::FileBody) and an empty
+/// body of that `Content-Length`, for the connection to `sendfile`.
+async fn catch_up_file(
+    state: &AppState,
+    path: &str,
+    offset: OffsetParam,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let read = state
+        .engine
+        .read_file(path, read_from(offset), state.config.read_chunk_bytes)
+        .await?;
+    let mut resp = chunk_response(&read.chunk, headers);
+    if let Some(slice) = read.file {
+        if resp.status() == StatusCode::OK {
+            state
+                .metrics
+                .sent_zero_copy_bytes
+                .fetch_add(slice.len(), std::sync::atomic::Ordering::Relaxed);
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(slice.len()));
+            resp.extensions_mut()
+                .insert(crate::compact_get::FileBody(slice));
+        }
+    }
+    count_sent(state, ReadKind::CatchUp, &resp, &read.chunk);
     Ok(resp)
 }
 

@@ -12,6 +12,7 @@
 //! [`Server::router`] and `Router::merge` it.
 
 pub mod auth;
+mod compact_get;
 mod compact_sse;
 pub mod compression;
 pub mod config;
@@ -235,6 +236,11 @@ impl Server {
             shutdown: self.state.shutdown.clone(),
             last_shed_warning: parking_lot::Mutex::new(None),
             state: self.state.clone(),
+            codings: if cfg.compression.enabled() {
+                cfg.compression.algorithms.clone().into()
+            } else {
+                Arc::from([])
+            },
         });
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let sweeper = tokio::spawn(sweep(self.state.clone()));
@@ -362,6 +368,9 @@ struct Connections {
     last_shed_warning: parking_lot::Mutex<Option<std::time::Instant>>,
     /// For the shed-connection counter.
     state: Arc<AppState>,
+    /// Compression codings responses may use (none when compression is
+    /// off): catch-up reads that accept one go through hyper.
+    codings: Arc<[compression::Algorithm]>,
 }
 
 impl Connections {
@@ -377,26 +386,46 @@ impl Connections {
         // which is what an idle compact SSE connection costs.
         match tls {
             None => {
-                let head =
-                    compact_sse::read_head(&stream, peer, HEADER_READ_TIMEOUT, &self.shutdown)
-                        .await;
-                match head {
-                    compact_sse::Head::Closed => {}
-                    compact_sse::Head::Hyper(prefix) => {
-                        let io = compact_sse::Replay::new(prefix, stream);
-                        Box::pin(self.serve_hyper(io, peer, false, watcher)).await
+                let mut stream = stream;
+                loop {
+                    let head = compact_sse::read_head(
+                        &stream,
+                        peer,
+                        HEADER_READ_TIMEOUT,
+                        &self.shutdown,
+                        &self.codings,
+                    )
+                    .await;
+                    match head {
+                        compact_sse::Head::Closed => {}
+                        compact_sse::Head::Hyper(prefix) => {
+                            let io = compact_sse::Replay::new(prefix, stream);
+                            Box::pin(self.serve_hyper(io, peer, false, watcher)).await
+                        }
+                        compact_sse::Head::Compact(req) => {
+                            let sending =
+                                Box::pin(compact_sse::start(&mut stream, self.app.clone(), req))
+                                    .await;
+                            // The rest in a task of its own, sized for just
+                            // that (this one carries every phase's state).
+                            // It holds the watcher, so graceful shutdown
+                            // waits for it (the SSE body ends on shutdown by
+                            // itself), and the connection slot.
+                            tokio::spawn(compact_sse::finish(stream, sending, watcher, permit));
+                        }
+                        compact_sse::Head::CatchUp(req) => {
+                            // Served here (the watcher held, so shutdown
+                            // waits for the response); the next request
+                            // decides again.
+                            let again =
+                                Box::pin(compact_get::respond(&mut stream, self.app.clone(), req))
+                                    .await;
+                            if again {
+                                continue;
+                            }
+                        }
                     }
-                    compact_sse::Head::Compact(req) => {
-                        let mut stream = stream;
-                        let sending =
-                            Box::pin(compact_sse::start(&mut stream, self.app.clone(), req)).await;
-                        // The rest in a task of its own, sized for just
-                        // that (this one carries every phase's state).
-                        // It holds the watcher, so graceful shutdown
-                        // waits for it (the SSE body ends on shutdown by
-                        // itself), and the connection slot.
-                        tokio::spawn(compact_sse::finish(stream, sending, watcher, permit));
-                    }
+                    break;
                 }
             }
             Some(tls) => {
@@ -567,15 +596,18 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::res
     );
     // Only appends are timed: one clock read per append, none otherwise.
     let started = (op == metrics::Operation::Append).then(std::time::Instant::now);
-    let https = parts.extensions.get::<TlsConnection>().is_some()
-        || parts.uri.scheme_str() == Some("https");
+    let conn = handlers::Conn {
+        https: parts.extensions.get::<TlsConnection>().is_some()
+            || parts.uri.scheme_str() == Some("https"),
+        zero_copy: parts.extensions.get::<compact_get::ZeroCopy>().is_some(),
+    };
     let resp = handlers::dispatch(
         state.clone(),
         parts.method,
         parts.uri,
         parts.headers,
         body,
-        https,
+        conn,
     )
     .await
     .into_response();

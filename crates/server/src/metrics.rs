@@ -137,6 +137,9 @@ pub struct Metrics {
     pub received_bytes: AtomicU64,
     /// Response body bytes of reads, by [`ReadKind`].
     sent_bytes: [AtomicU64; 3],
+    /// Catch-up bytes of those handed to `sendfile` (left in the engine's
+    /// files rather than copied).
+    pub sent_zero_copy_bytes: AtomicU64,
     /// Long-poll readers waiting now.
     pub live_long_poll: AtomicU64,
     /// SSE connections open now.
@@ -158,6 +161,7 @@ impl Default for Metrics {
             append_bytes: AtomicU64::new(0),
             received_bytes: AtomicU64::new(0),
             sent_bytes: Default::default(),
+            sent_zero_copy_bytes: AtomicU64::new(0),
             live_long_poll: AtomicU64::new(0),
             live_sse: AtomicU64::new(0),
             append_latency_ns: Histogram::new(LATENCY_BUCKETS_NS),
@@ -283,6 +287,13 @@ impl Metrics {
                 load(&self.sent_bytes[i])
             );
         }
+        single(
+            &mut out,
+            "ds_sent_zero_copy_bytes_total",
+            "Catch-up response bytes sent from the engine's files with sendfile (part of ds_sent_bytes_total)",
+            "counter",
+            load(&self.sent_zero_copy_bytes),
+        );
         header(
             &mut out,
             "ds_live_readers",

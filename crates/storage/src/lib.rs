@@ -53,6 +53,21 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
         max_bytes: usize,
     ) -> Result<ReadChunk, StorageError>;
 
+    /// Like [`Engine::read`], but an engine keeping a byte stream's data in
+    /// files may leave the bytes there and return the file range instead
+    /// (a server then sends them with `sendfile`, without copying). It may
+    /// also return fewer bytes than `read` would (a range ends where a file
+    /// does). Engines without files, and JSON streams, return `read`'s data.
+    async fn read_file(
+        &self,
+        path: &str,
+        from: ReadFrom,
+        max_bytes: usize,
+    ) -> Result<FileRead, StorageError> {
+        let chunk = self.read(path, from, max_bytes).await?;
+        Ok(FileRead { chunk, file: None })
+    }
+
     /// Deletes a stream; soft-deletes it while forks still reference it.
     async fn delete(&self, path: &str) -> Result<(), StorageError>;
 

@@ -120,6 +120,60 @@ impl ReadChunk {
     }
 }
 
+/// Stored bytes of a byte stream as a range of an open file, for sending
+/// without copying them through user space (`sendfile`). The range is below
+/// the stream's published tail, so it never changes; the file stays open
+/// (even if the stream is deleted meanwhile) while this is held.
+#[derive(Clone)]
+pub struct FileSlice {
+    pub(crate) file: std::sync::Arc<dyn crate::file::vfs::VfsFile>,
+    /// Position of the first byte in the file.
+    pub(crate) position: u64,
+    pub(crate) len: u64,
+}
+
+impl FileSlice {
+    /// The file's descriptor (`None` for simulated files: read the bytes
+    /// with [`FileSlice::read_at`] instead).
+    pub fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.file.fd()
+    }
+    /// Position of the first byte in the file.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Reads `buf.len()` bytes of the slice starting `at` bytes into it (a
+    /// positional read; for tests and fallbacks).
+    pub fn read_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len.saturating_sub(at)) as usize;
+        self.file.read_at(&mut buf[..n], self.position + at)
+    }
+}
+
+impl std::fmt::Debug for FileSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileSlice")
+            .field("position", &self.position)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// A read whose bytes may be left in a file ([`Engine::read_file`]).
+#[derive(Debug, Clone)]
+pub struct FileRead {
+    /// Metadata and offsets; when `file` is set, `chunk.data` is empty and
+    /// the bytes `chunk.start..chunk.next` are the file slice.
+    pub chunk: ReadChunk,
+    pub file: Option<FileSlice>,
+}
+
 /// State published to live readers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signal {

@@ -457,6 +457,47 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                     );
                     assert_eq!(c.next, Offset(end as u64));
                     assert_eq!(c.up_to_date(), end == w.len());
+                    // The same range through `read_file`: bytes left in a
+                    // file slice or returned as data are the same bytes.
+                    let fr = engine
+                        .read_file(&path(s), ReadFrom::At(Offset(at)), max)
+                        .await
+                        .expect("read_file at a valid offset");
+                    let got = match &fr.file {
+                        Some(slice) => {
+                            assert!(fr.chunk.data.is_empty(), "file slice and data both set");
+                            assert_eq!(slice.len(), fr.chunk.len());
+                            let mut buf = vec![0u8; slice.len() as usize];
+                            let mut done = 0;
+                            while done < buf.len() {
+                                let n = slice
+                                    .read_at(&mut buf[done..], done as u64)
+                                    .expect("slice read");
+                                assert!(n > 0, "file slice shorter than its length");
+                                done += n;
+                            }
+                            buf
+                        }
+                        None => fr
+                            .chunk
+                            .data
+                            .iter()
+                            .flat_map(|d| d.iter().copied())
+                            .collect(),
+                    };
+                    assert_eq!(fr.chunk.start, Offset(at));
+                    assert_eq!(
+                        got,
+                        w[at as usize..fr.chunk.next.0 as usize].to_vec(),
+                        "read_file {s} at {at}"
+                    );
+                    assert_eq!(
+                        fr.chunk.next,
+                        Offset(end as u64),
+                        "read_file {s} at {at} max {max}"
+                    );
+                    assert_eq!(fr.chunk.up_to_date(), c.up_to_date());
+                    assert_eq!(fr.chunk.meta.closed, c.meta.closed);
                     let beyond = engine
                         .read(&path(s), ReadFrom::At(Offset(w.len() as u64 + 1)), max)
                         .await;

@@ -7,8 +7,8 @@ use crate::metrics::{
 };
 use crate::rules::{self, Decision, WriterState};
 use crate::{
-    AppendOutcome, AppendRequest, Clock, CreateOutcome, CreateRequest, Engine, Expiry, ForkSpec,
-    ReadChunk, ReadFrom, Signal, StorageError, StreamMeta, SystemClock,
+    AppendOutcome, AppendRequest, Clock, CreateOutcome, CreateRequest, Engine, Expiry, FileRead,
+    FileSlice, ForkSpec, ReadChunk, ReadFrom, Signal, StorageError, StreamMeta, SystemClock,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -671,6 +671,32 @@ impl Inner {
             now_ms: self.clock.now_ms(),
         };
         self.submit(rec, None, Publish::None).ok()
+    }
+
+    /// The start of a read: refreshes a sliding TTL and resolves `from`
+    /// against the published tail.
+    fn begin_read(
+        &self,
+        s: &Arc<FStream>,
+        from: ReadFrom,
+    ) -> Result<(StreamMeta, u64), StorageError> {
+        let meta = {
+            let mut st = s.state.lock();
+            let now = self.clock.now_ms();
+            st.last_access_ms = now;
+            if matches!(st.expiry, Expiry::TtlSecs(_)) {
+                self.touches.lock().insert(s.id, now);
+            }
+            s.meta(&st)
+        };
+        let tail = meta.tail.0;
+        let start = match from {
+            ReadFrom::Start => 0,
+            ReadFrom::Tail => tail,
+            ReadFrom::At(o) if o.0 > tail => return Err(StorageError::OffsetBeyondTail),
+            ReadFrom::At(o) => o.0,
+        };
+        Ok((meta, start))
     }
 
     /// Reads stored bytes `from..end` across the fork chain.
@@ -1634,22 +1660,8 @@ impl Engine for FileEngine {
     ) -> Result<ReadChunk, StorageError> {
         let inner = self.inner.clone();
         let s = inner.live(path).await?;
-        let meta = {
-            let mut st = s.state.lock();
-            let now = inner.clock.now_ms();
-            st.last_access_ms = now;
-            if matches!(st.expiry, Expiry::TtlSecs(_)) {
-                inner.touches.lock().insert(s.id, now);
-            }
-            s.meta(&st)
-        };
+        let (meta, start) = inner.begin_read(&s, from)?;
         let tail = meta.tail.0;
-        let start = match from {
-            ReadFrom::Start => 0,
-            ReadFrom::Tail => tail,
-            ReadFrom::At(o) if o.0 > tail => return Err(StorageError::OffsetBeyondTail),
-            ReadFrom::At(o) => o.0,
-        };
         let max = max_bytes.max(1) as u64;
         let hint = if s.json {
             let end = tail.min(start.saturating_add(max));
@@ -1747,6 +1759,57 @@ impl Engine for FileEngine {
             start: Offset(start),
             next: Offset(next),
             data,
+        })
+    }
+
+    async fn read_file(
+        &self,
+        path: &str,
+        from: ReadFrom,
+        max_bytes: usize,
+    ) -> Result<FileRead, StorageError> {
+        let s = self.inner.live(path).await?;
+        // JSON reads are cut at message boundaries (and framed by the
+        // server), and bytes below a fork's base live in its source's file:
+        // those take the copying path.
+        let own_file = !s.json
+            && match from {
+                ReadFrom::Start => s.base == 0,
+                ReadFrom::Tail => true,
+                ReadFrom::At(o) => o.0 >= s.base,
+            };
+        if !own_file {
+            let chunk = self.read(path, from, max_bytes).await?;
+            return Ok(FileRead { chunk, file: None });
+        }
+        let (mut meta, start) = self.inner.begin_read(&s, from)?;
+        let tail = meta.tail.0;
+        let next = tail.min(start.saturating_add(max_bytes.max(1) as u64));
+        let file = if next > start {
+            // Bytes below the published tail were written before the WAL
+            // sync that published them and are never rewritten, so the
+            // range is stable. Opening may touch the disk (LRU miss), like
+            // the small inline reads of `read`.
+            let f = self.inner.files.get(s.id, false).map_err(io_err)?;
+            Some(FileSlice {
+                file: f,
+                position: start - s.base,
+                len: next - start,
+            })
+        } else {
+            None
+        };
+        if next != tail {
+            meta.closed = false;
+        }
+        Ok(FileRead {
+            chunk: ReadChunk {
+                meta,
+                start: Offset(start),
+                next: Offset(next),
+                data: Vec::new(),
+            },
+            file,
         })
     }
 

@@ -16,6 +16,11 @@ pub trait VfsFile: Send + Sync + Debug {
     fn sync_data(&self) -> io::Result<()>;
     fn set_len(&self, len: u64) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// The OS file descriptor, when the file is a real one (so a server can
+    /// `sendfile` from it); simulated files have none.
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
 }
 
 pub trait Vfs: Send + Sync + Debug + 'static {
@@ -54,6 +59,9 @@ pub struct StdVfs {
 struct StdFile(std::fs::File);
 
 impl VfsFile for StdFile {
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(std::os::fd::AsFd::as_fd(&self.0))
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         std::os::unix::fs::FileExt::read_at(&self.0, buf, offset)
     }

@@ -1,0 +1,435 @@
+//! Catch-up reads served outside hyper with `sendfile`
+//! (crates/server/src/compact_get.rs), through the real binary over raw
+//! keep-alive HTTP/1.1 connections: the bytes are exactly the stream's, the
+//! connection carries many reads and then hands whatever else comes to
+//! hyper intact, and the protocol's answers (304, 404, closed streams,
+//! compression) are unchanged.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod support;
+use support::ServerProc;
+
+/// Generous bound for anything a test waits for; never a timing assertion.
+const PATIENCE: Duration = Duration::from_secs(15);
+
+/// A fresh data directory, removed when dropped.
+struct DataDir(std::path::PathBuf);
+
+impl DataDir {
+    fn new(name: &str) -> DataDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = std::env::temp_dir().join(format!(
+            "ds-compact-get-{}-{name}-{nanos}",
+            std::process::id()
+        ));
+        DataDir(dir)
+    }
+    fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A response read off a raw connection (Content-Length or chunked framing).
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection over a raw socket.
+struct Conn {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Conn {
+        Conn {
+            s: TcpStream::connect(addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = vec![0u8; 64 * 1024];
+        let n = tokio::time::timeout(PATIENCE, self.s.read(&mut chunk))
+            .await
+            .expect("server answered in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "connection closed inside a body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.buf.drain(..i + 2).collect()).unwrap();
+                return line.trim_end().to_string();
+            }
+            assert!(self.fill().await, "connection closed inside a head");
+        }
+    }
+
+    /// Sends a request (no body unless given) and reads its response; HEAD
+    /// and bodiless statuses are read without a body.
+    async fn request(&mut self, method: &str, target: &str, extra: &str, body: &[u8]) -> Raw {
+        let mut req = format!("{method} {target} HTTP/1.1\r\nhost: t\r\n{extra}");
+        if !body.is_empty() || method == "POST" || method == "PUT" {
+            req.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.s.write_all(&bytes).await.unwrap();
+        self.response(method == "HEAD").await
+    }
+
+    async fn response(&mut self, head_only: bool) -> Raw {
+        let status_line = self.line().await;
+        let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let l = self.line().await;
+            if l.is_empty() {
+                break;
+            }
+            let (n, v) = l.split_once(':').unwrap();
+            headers.push((n.trim().to_string(), v.trim().to_string()));
+        }
+        let mut raw = Raw {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_only || status == 204 || status == 304 {
+            return raw;
+        }
+        if let Some(n) = raw.header("content-length") {
+            let n: usize = n.parse().unwrap();
+            raw.body = self.take(n).await;
+        } else if raw
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
+            loop {
+                let size = usize::from_str_radix(self.line().await.trim(), 16).unwrap();
+                let data = self.take(size).await;
+                self.line().await;
+                if size == 0 {
+                    break;
+                }
+                raw.body.extend_from_slice(&data);
+            }
+        }
+        raw
+    }
+
+    /// True when the server closed the connection (EOF with nothing left).
+    async fn closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill().await
+    }
+}
+
+/// Deterministic bytes that differ at every position of interest.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+async fn create_with(conn: &mut Conn, path: &str, data: &[u8]) {
+    let r = conn
+        .request(
+            "PUT",
+            path,
+            "content-type: application/octet-stream\r\n",
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    // Several appends so the bytes span many records.
+    for part in data.chunks(700 * 1024) {
+        let r = conn
+            .request(
+                "POST",
+                path,
+                "content-type: application/octet-stream\r\n",
+                part,
+            )
+            .await;
+        assert_eq!(r.status, 204, "append");
+    }
+}
+
+/// `ds_sent_zero_copy_bytes_total` from /metrics.
+async fn zero_copy_bytes(addr: SocketAddr) -> u64 {
+    let mut c = Conn::open(addr).await;
+    let r = c.request("GET", "/metrics", "", &[]).await;
+    let text = String::from_utf8(r.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ds_sent_zero_copy_bytes_total "))
+        .expect("zero-copy counter in /metrics")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Reads `path` from -1 to the tail on one connection; returns the bytes
+/// and how many responses it took.
+async fn read_all(conn: &mut Conn, path: &str, extra: &str) -> (Vec<u8>, usize, Raw) {
+    let mut off = "-1".to_string();
+    let mut out = Vec::new();
+    let mut n = 0;
+    loop {
+        let r = conn
+            .request("GET", &format!("{path}?offset={off}"), extra, &[])
+            .await;
+        assert_eq!(r.status, 200, "catch-up read at {off}");
+        n += 1;
+        out.extend_from_slice(&r.body);
+        let next = r.header("stream-next-offset").unwrap().to_string();
+        if r.header("stream-up-to-date").is_some() {
+            return (out, n, r);
+        }
+        off = next;
+    }
+}
+
+/// Many catch-up reads on one connection return exactly the stored bytes
+/// (file engine: sendfile; memory engine: the same path without a file),
+/// after which a write on the same connection still reaches hyper.
+#[tokio::test]
+async fn keep_alive_catch_up_is_byte_exact_on_both_engines() {
+    let dir = DataDir::new("exact");
+    for args in [vec!["--data-dir", dir.arg()], vec![]] {
+        let srv = ServerProc::start(&args);
+        let data = pattern(3 * 1024 * 1024 + 12_345);
+        let mut w = Conn::open(srv.addr).await;
+        create_with(&mut w, "/v1/stream/big", &data).await;
+
+        let zero_copy_before = zero_copy_bytes(srv.addr).await;
+        let mut c = Conn::open(srv.addr).await;
+        for _ in 0..2 {
+            let (got, responses, last) = read_all(&mut c, "/v1/stream/big", "").await;
+            assert_eq!(got.len(), data.len());
+            assert!(got == data, "bytes differ ({args:?})");
+            assert!(responses >= 4, "1 MiB chunks expected, got {responses}");
+            assert!(last.header("connection").is_none(), "kept alive");
+        }
+        // The file engine's bytes went through sendfile; the memory
+        // engine has no files.
+        let zero_copy = zero_copy_bytes(srv.addr).await - zero_copy_before;
+        if args.is_empty() {
+            assert_eq!(zero_copy, 0);
+        } else {
+            assert_eq!(zero_copy, 2 * data.len() as u64);
+        }
+        // A write on the same connection: replayed to hyper, then more reads
+        // (now through hyper) see it.
+        let r = c
+            .request(
+                "POST",
+                "/v1/stream/big",
+                "content-type: application/octet-stream\r\n",
+                b"tail!",
+            )
+            .await;
+        assert_eq!(r.status, 204);
+        let (got, _, _) = read_all(&mut c, "/v1/stream/big", "").await;
+        assert_eq!(&got[data.len()..], b"tail!");
+        assert!(got[..data.len()] == data[..]);
+    }
+}
+
+/// ETag revalidation, missing streams, reads past the tail, closed streams
+/// and `Connection: close` keep their meaning on this path.
+#[tokio::test]
+async fn protocol_answers_are_unchanged() {
+    let dir = DataDir::new("answers");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let mut c = Conn::open(srv.addr).await;
+    create_with(&mut c, "/v1/stream/s", b"hello world").await;
+
+    let r = c.request("GET", "/v1/stream/s?offset=-1", "", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello world");
+    let etag = r.header("etag").unwrap().to_string();
+    assert_eq!(r.header("stream-up-to-date"), Some("true"));
+
+    let r = c
+        .request(
+            "GET",
+            "/v1/stream/s?offset=-1",
+            &format!("if-none-match: {etag}\r\n"),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 304);
+    assert!(r.header("content-length").is_none_or(|v| v == "0"));
+
+    let r = c.request("GET", "/v1/stream/nope?offset=-1", "", &[]).await;
+    assert_eq!(r.status, 404);
+
+    let r = c
+        .request(
+            "GET",
+            "/v1/stream/s?offset=0000000000000000_0000000000000099",
+            "",
+            &[],
+        )
+        .await;
+    assert!(
+        (400..500).contains(&r.status),
+        "read past the tail: {}",
+        r.status
+    );
+
+    let r = c
+        .request(
+            "GET",
+            "/v1/stream/s?offset=0000000000000000_0000000000000006",
+            "",
+            &[],
+        )
+        .await;
+    assert_eq!(r.body, b"world");
+
+    // Close the stream (through hyper), then read again on a new connection.
+    let r = c
+        .request(
+            "POST",
+            "/v1/stream/s",
+            "stream-closed: true\r\ncontent-type: application/octet-stream\r\n",
+            &[],
+        )
+        .await;
+    assert!(r.status == 204 || r.status == 200, "close: {}", r.status);
+    let mut c = Conn::open(srv.addr).await;
+    let r = c.request("GET", "/v1/stream/s?offset=-1", "", &[]).await;
+    assert_eq!(r.body, b"hello world");
+    assert_eq!(r.header("stream-closed"), Some("true"));
+
+    // `Connection: close` is honoured.
+    let r = c
+        .request(
+            "GET",
+            "/v1/stream/s?offset=-1",
+            "connection: close\r\n",
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed().await, "server closes after Connection: close");
+}
+
+/// A client that accepts compression gets a compressed body (served by
+/// hyper as before), never the uncompressed file bytes.
+#[tokio::test]
+async fn compression_still_applies_when_accepted() {
+    let dir = DataDir::new("gzip");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let mut c = Conn::open(srv.addr).await;
+    let data = vec![b'a'; 64 * 1024];
+    create_with(&mut c, "/v1/stream/z", &data).await;
+    let mut c = Conn::open(srv.addr).await;
+    let r = c
+        .request(
+            "GET",
+            "/v1/stream/z?offset=-1",
+            "accept-encoding: gzip\r\n",
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-encoding"), Some("gzip"));
+    assert!(r.body.len() < data.len() / 10);
+}
+
+/// Bytes a fork shares with its source (in the source's file) and its own
+/// bytes read back exactly on this path.
+#[tokio::test]
+async fn forks_read_exactly() {
+    let dir = DataDir::new("fork");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let mut c = Conn::open(srv.addr).await;
+    let src = pattern(1536 * 1024);
+    create_with(&mut c, "/v1/stream/src", &src).await;
+    let r = c
+        .request(
+            "PUT",
+            "/v1/stream/fork",
+            "content-type: application/octet-stream\r\nstream-forked-from: /v1/stream/src\r\n",
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 201, "fork");
+    let r = c
+        .request(
+            "POST",
+            "/v1/stream/fork",
+            "content-type: application/octet-stream\r\n",
+            b"own bytes",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let mut c = Conn::open(srv.addr).await;
+    let (got, _, _) = read_all(&mut c, "/v1/stream/fork", "").await;
+    assert_eq!(got.len(), src.len() + 9);
+    assert!(got[..src.len()] == src[..]);
+    assert_eq!(&got[src.len()..], b"own bytes");
+}
+
+/// A reader that leaves in the middle of a large body does not disturb the
+/// server: the next reader gets every byte.
+#[tokio::test]
+async fn reader_leaving_mid_body_is_harmless() {
+    let dir = DataDir::new("leave");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let data = pattern(2 * 1024 * 1024);
+    let mut c = Conn::open(srv.addr).await;
+    create_with(&mut c, "/v1/stream/l", &data).await;
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(srv.addr).await.unwrap();
+        s.write_all(b"GET /v1/stream/l?offset=-1 HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut some = [0u8; 1000];
+        let _ = s.read(&mut some).await.unwrap();
+        drop(s);
+    }
+    let mut c = Conn::open(srv.addr).await;
+    let (got, _, _) = read_all(&mut c, "/v1/stream/l", "").await;
+    assert!(got == data);
+}
