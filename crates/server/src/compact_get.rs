@@ -1,5 +1,6 @@
-//! Catch-up reads on cleartext HTTP/1.1 connections without hyper, so their
-//! bytes go from the stream's data file to the socket with `sendfile`.
+//! Catch-up reads and small appends on cleartext HTTP/1.1 connections
+//! without hyper: catch-up bytes go from the stream's data file to the
+//! socket with `sendfile`, and appends skip hyper's per-request machinery.
 //!
 //! Through hyper a catch-up body is copied twice in this process: the
 //! engine reads it from the page cache into a buffer, then `writev` copies
@@ -8,16 +9,19 @@
 //! softirq work of the small writes at about half of the server's CPU. With
 //! `sendfile` the kernel hands page-cache pages to the socket directly.
 //!
-//! A connection whose first request is a catch-up `GET` (an `offset`, no
-//! `live`, no body, HTTP/1.1, no compression accepted) is served here: the
-//! request goes through the same axum [`Router`] as any other (auth, rate
-//! limits, CORS, request ids and metrics apply unchanged), marked
+//! A connection whose request is a catch-up `GET` (an `offset`, no `live`,
+//! no body, HTTP/1.1, no compression accepted) or a `POST` whose whole
+//! `Content-Length` body arrived with its head (within the 16 KiB head
+//! buffer) is served here: the request goes through the same axum
+//! [`Router`] as any other (auth, rate limits, CORS, request ids, body
+//! limits and metrics apply unchanged). A catch-up read is marked
 //! [`ZeroCopy`]; a handler that can leaves the bytes in the file and puts a
 //! [`FileBody`] on the response, which is sent here with `sendfile`; any
-//! other response is written as it is. The connection stays open while the
-//! requests that follow are catch-up reads too; the first one that is not
-//! (or that needs hyper: pipelining, a body, h2c) is replayed to hyper with
-//! the bytes already read, and hyper serves the rest of the connection.
+//! other response is written as it is (small ones in one write with the
+//! head). The connection stays here while its requests qualify; the first
+//! one that does not (another method, pipelining, a chunked or larger body,
+//! `Expect`, h2c) is replayed to hyper with the bytes already read, and
+//! hyper serves the rest of the connection.
 //!
 //! `sendfile` reads the file synchronously: on a page-cache miss it waits
 //! for the disk on a runtime thread. The bytes sent are those just written
@@ -82,6 +86,81 @@ pub(crate) fn identity_only(headers: &HeaderMap, codings: &[Algorithm]) -> bool 
     }
 }
 
+/// What a `POST` head (and the bytes after it) decided.
+pub(crate) enum Post {
+    /// Head and whole body: served here.
+    Ready(Box<Request<Body>>),
+    /// The body is still arriving (it fits the head buffer).
+    NeedMore,
+    /// Chunked, `Expect`, an upgrade, pipelined bytes after the body, a
+    /// body larger than the head buffer, anything unusual: hyper's job.
+    Hyper,
+}
+
+/// An append (`POST` with a `Content-Length` body) as hyper would have
+/// built it. `rest`: the bytes read after the head.
+pub(crate) fn build_post(
+    parsed: &httparse::Request<'_, '_>,
+    peer: std::net::SocketAddr,
+    rest: &[u8],
+) -> Post {
+    if parsed.method != Some("POST") || parsed.version != Some(1) {
+        return Post::Hyper;
+    }
+    let Some(path) = parsed.path else {
+        return Post::Hyper;
+    };
+    let Ok(uri) = http::Uri::try_from(path) else {
+        return Post::Hyper;
+    };
+    if uri.path_and_query().is_none() {
+        return Post::Hyper;
+    }
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut length: Option<usize> = None;
+    for h in parsed.headers.iter() {
+        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Post::Hyper;
+        };
+        if name == http::header::CONTENT_LENGTH {
+            // One plain decimal length; anything else is hyper's to judge.
+            let v = h.value;
+            if length.is_some() || v.is_empty() || v.len() > 9 || !v.iter().all(u8::is_ascii_digit)
+            {
+                return Post::Hyper;
+            }
+            length = std::str::from_utf8(v).ok().and_then(|t| t.parse().ok());
+        } else if name == http::header::TRANSFER_ENCODING
+            || name == http::header::UPGRADE
+            || name == http::header::EXPECT
+        {
+            return Post::Hyper;
+        }
+        let Ok(value) = http::HeaderValue::from_bytes(h.value) else {
+            return Post::Hyper;
+        };
+        headers.append(name, value);
+    }
+    let Some(length) = length else {
+        return Post::Hyper;
+    };
+    if length > crate::compact_sse::MAX_HEAD_BYTES {
+        return Post::Hyper;
+    }
+    match rest.len().cmp(&length) {
+        std::cmp::Ordering::Less => return Post::NeedMore,
+        std::cmp::Ordering::Greater => return Post::Hyper,
+        std::cmp::Ordering::Equal => {}
+    }
+    let mut req = Request::new(Body::from(bytes::Bytes::copy_from_slice(rest)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = uri;
+    *req.version_mut() = http::Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req.extensions_mut().insert(crate::PeerAddr(peer));
+    Post::Ready(Box::new(req))
+}
+
 /// True when the request asks for the connection to close after it.
 fn wants_close(headers: &HeaderMap) -> bool {
     headers.get_all(http::header::CONNECTION).iter().any(|v| {
@@ -91,7 +170,7 @@ fn wants_close(headers: &HeaderMap) -> bool {
     })
 }
 
-/// Serves one catch-up request on `stream`. Returns `true` when the
+/// Serves one request on `stream`. Returns `true` when the
 /// connection may carry another request (the response was sent whole and
 /// neither side asked to close).
 pub(crate) async fn respond(stream: &mut TcpStream, app: Router, req: Box<Request<Body>>) -> bool {
@@ -161,14 +240,27 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], slice: &FileSlice) -> io
 async fn send_body(
     stream: &mut TcpStream,
     head: &[u8],
-    mut body: Body,
+    body: Body,
     framing: Framing,
 ) -> io::Result<()> {
+    use axum::body::HttpBody as _;
     use http_body_util::BodyExt as _;
-    stream.write_all(head).await?;
     if framing == Framing::None {
-        return Ok(());
+        return stream.write_all(head).await;
     }
+    // A small body of known size (most answers): one write with the head.
+    if let Some(n) = body.size_hint().exact().filter(|n| *n <= 64 * 1024) {
+        let data = body.collect().await.map_err(io::Error::other)?.to_bytes();
+        if data.len() as u64 != n {
+            return Err(io::ErrorKind::InvalidData.into());
+        }
+        let mut out = Vec::with_capacity(head.len() + data.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(&data);
+        return stream.write_all(&out).await;
+    }
+    stream.write_all(head).await?;
+    let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(io::Error::other)?;
         let Ok(data) = frame.into_data() else {
@@ -194,6 +286,7 @@ async fn send_body(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

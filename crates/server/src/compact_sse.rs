@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 const FIRST_READ_BYTES: usize = 2048;
 /// The largest head taken on the compact path; larger ones go to hyper,
 /// which applies `max_header_bytes`.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Headers httparse accepts (hyper's default limit too).
 const MAX_HEADERS: usize = 100;
 /// Bytes a client may send after its SSE request before it is cut off;
@@ -48,8 +48,9 @@ pub(crate) enum Head {
     Hyper(Vec<u8>),
     /// An SSE request for the compact path.
     Compact(Box<Request<Body>>),
-    /// A catch-up read for [`crate::compact_get`].
-    CatchUp(Box<Request<Body>>),
+    /// A catch-up read or a small append for [`crate::compact_get`]: the
+    /// connection stays on that path while requests qualify.
+    KeepAlive(Box<Request<Body>>),
 }
 
 /// Reads the first request head of a cleartext connection, as far as needed
@@ -96,7 +97,7 @@ pub(crate) async fn read_head(
             Decision::NeedMore if buf.len() < MAX_HEAD_BYTES => {}
             Decision::NeedMore | Decision::Hyper => return Head::Hyper(buf),
             Decision::Compact(req) => return Head::Compact(req),
-            Decision::CatchUp(req) => return Head::CatchUp(req),
+            Decision::KeepAlive(req) => return Head::KeepAlive(req),
         }
     }
 }
@@ -105,11 +106,11 @@ enum Decision {
     NeedMore,
     Hyper,
     Compact(Box<Request<Body>>),
-    CatchUp(Box<Request<Body>>),
+    KeepAlive(Box<Request<Body>>),
 }
 
-/// Decides from the bytes so far; cheap for everything that is not an SSE
-/// request (a prefix compare and a scan of the request line).
+/// Decides from the bytes so far; cheap for everything that is not for a
+/// compact path (a prefix compare and a scan of the request line).
 /// `codings`: the compression codings the server may answer with (none
 /// when compression is off).
 fn classify(
@@ -118,28 +119,43 @@ fn classify(
     codings: &[crate::compression::Algorithm],
 ) -> Decision {
     const GET: &[u8] = b"GET ";
-    let n = buf.len().min(GET.len());
-    if buf[..n] != GET[..n] {
+    const POST: &[u8] = b"POST ";
+    let starts = |m: &[u8]| {
+        let n = buf.len().min(m.len());
+        buf[..n] == m[..n]
+    };
+    let post = if starts(GET) {
+        false
+    } else if starts(POST) {
+        true
+    } else {
         return Decision::Hyper;
-    }
+    };
     let Some(line_end) = buf.iter().position(|&b| b == b'\n') else {
         return Decision::NeedMore;
     };
     let line = &buf[..line_end];
-    let sse = line_asks_sse(line);
-    if !sse && !crate::compact_get::line_asks_catch_up(line) {
+    let sse = !post && line_asks_sse(line);
+    if !post && !sse && !crate::compact_get::line_asks_catch_up(line) {
         return Decision::Hyper;
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if post => {
+            match crate::compact_get::build_post(&parsed, peer, &buf[len..]) {
+                crate::compact_get::Post::Ready(req) => Decision::KeepAlive(req),
+                crate::compact_get::Post::NeedMore => Decision::NeedMore,
+                crate::compact_get::Post::Hyper => Decision::Hyper,
+            }
+        }
         Ok(httparse::Status::Complete(len)) if len == buf.len() => match build(&parsed, peer) {
             None => Decision::Hyper,
             Some(req) if sse => Decision::Compact(req),
             // Without sendfile (a compressed answer) hyper is as good.
             Some(mut req) if crate::compact_get::identity_only(req.headers(), codings) => {
                 req.extensions_mut().insert(crate::compact_get::ZeroCopy);
-                Decision::CatchUp(req)
+                Decision::KeepAlive(req)
             }
             Some(_) => Decision::Hyper,
         },
@@ -165,7 +181,7 @@ fn line_asks_sse(line: &[u8]) -> bool {
 
 /// The request as hyper would have built it, or `None` when it is not one
 /// for the compact path (hyper then serves it and answers any error).
-fn build(
+pub(crate) fn build(
     parsed: &httparse::Request<'_, '_>,
     peer: std::net::SocketAddr,
 ) -> Option<Box<Request<Body>>> {
@@ -413,7 +429,7 @@ pub(crate) fn encode_head(
     }
     if !headers.contains_key(http::header::DATE) {
         out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        http_date(|d| out.extend_from_slice(d));
         out.extend_from_slice(b"\r\n");
     }
     if close {
@@ -430,6 +446,25 @@ pub(crate) fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     out
+}
+
+/// Calls `f` with the current `Date` value, formatted once per second per
+/// thread (as hyper does) rather than per response.
+fn http_date(f: impl FnOnce(&[u8])) {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        f(c.1.as_bytes());
+    });
 }
 
 /// Writes `{len:x}\r\n` into `out`; returns its length.

@@ -413,7 +413,7 @@ impl Connections {
                             // itself), and the connection slot.
                             tokio::spawn(compact_sse::finish(stream, sending, watcher, permit));
                         }
-                        compact_sse::Head::CatchUp(req) => {
+                        compact_sse::Head::KeepAlive(req) => {
                             // Served here (the watcher held, so shutdown
                             // waits for the response); the next request
                             // decides again.

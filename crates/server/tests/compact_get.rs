@@ -1,8 +1,9 @@
-//! Catch-up reads served outside hyper with `sendfile`
+//! Catch-up reads (with `sendfile`) and small appends served outside hyper
 //! (crates/server/src/compact_get.rs), through the real binary over raw
 //! keep-alive HTTP/1.1 connections: the bytes are exactly the stream's, the
-//! connection carries many reads and then hands whatever else comes to
-//! hyper intact, and the protocol's answers (304, 404, closed streams,
+//! connection carries many requests and then hands whatever it does not
+//! take (pipelining, chunked or large bodies, `Expect`) to hyper intact,
+//! and the protocol's answers (304, 404, closed streams, producers,
 //! compression) are unchanged.
 
 #![allow(clippy::unwrap_used)]
@@ -432,4 +433,136 @@ async fn reader_leaving_mid_body_is_harmless() {
     let mut c = Conn::open(srv.addr).await;
     let (got, _, _) = read_all(&mut c, "/v1/stream/l", "").await;
     assert!(got == data);
+}
+
+/// Appends on one keep-alive connection, with the body in the same packet
+/// as the head, in a later packet, or byte by byte, all land once and in
+/// order; idempotent-producer answers are unchanged on this path.
+#[tokio::test]
+async fn small_appends_land_exactly_once_in_order() {
+    let dir = DataDir::new("post");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let mut c = Conn::open(srv.addr).await;
+    create_with(&mut c, "/v1/stream/p", b"").await;
+    let mut want = Vec::new();
+    for i in 0..50u32 {
+        let body = format!("record-{i};");
+        let r = c
+            .request(
+                "POST",
+                "/v1/stream/p",
+                "content-type: application/octet-stream\r\n",
+                body.as_bytes(),
+            )
+            .await;
+        assert_eq!(r.status, 204, "append {i}");
+        want.extend_from_slice(body.as_bytes());
+    }
+    // Head, then the body in a later write; then a request written one
+    // byte at a time.
+    let head = "POST /v1/stream/p HTTP/1.1\r\nhost: t\r\ncontent-type: application/octet-stream\r\ncontent-length: 5\r\n\r\n";
+    c.s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.s.write_all(b"late;").await.unwrap();
+    assert_eq!(c.response(false).await.status, 204);
+    want.extend_from_slice(b"late;");
+    let slow = format!("{}slow;", head);
+    for b in slow.as_bytes() {
+        c.s.write_all(&[*b]).await.unwrap();
+    }
+    assert_eq!(c.response(false).await.status, 204);
+    want.extend_from_slice(b"slow;");
+
+    // Idempotent producer: a retry is a duplicate (204), a gap is 409.
+    let producer = |seq: u32| {
+        format!(
+            "content-type: application/octet-stream\r\nproducer-id: w\r\nproducer-epoch: 0\r\nproducer-seq: {seq}\r\n"
+        )
+    };
+    let r = c
+        .request("POST", "/v1/stream/p", &producer(0), b"p0;")
+        .await;
+    assert_eq!(r.status, 200, "first producer append");
+    want.extend_from_slice(b"p0;");
+    let r = c
+        .request("POST", "/v1/stream/p", &producer(0), b"p0;")
+        .await;
+    assert_eq!(r.status, 204, "retry is a duplicate");
+    let r = c
+        .request("POST", "/v1/stream/p", &producer(5), b"p5;")
+        .await;
+    assert_eq!(r.status, 409, "gap");
+    assert_eq!(r.header("producer-expected-seq"), Some("1"));
+
+    let mut c = Conn::open(srv.addr).await;
+    let (got, _, _) = read_all(&mut c, "/v1/stream/p", "").await;
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&want)
+    );
+}
+
+/// Requests this path does not take reach hyper with every byte: two
+/// pipelined appends, a chunked body, `Expect: 100-continue`, a body larger
+/// than the head buffer, and a malformed length (hyper's 400).
+#[tokio::test]
+async fn appends_it_does_not_take_reach_hyper_intact() {
+    let dir = DataDir::new("post-hyper");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let mut c = Conn::open(srv.addr).await;
+    create_with(&mut c, "/v1/stream/h", b"").await;
+    let post = |body: &str| {
+        format!(
+            "POST /v1/stream/h HTTP/1.1\r\nhost: t\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // Pipelined.
+    let two = format!("{}{}", post("one;"), post("two;"));
+    c.s.write_all(two.as_bytes()).await.unwrap();
+    assert_eq!(c.response(false).await.status, 204);
+    assert_eq!(c.response(false).await.status, 204);
+    // Chunked.
+    let mut c = Conn::open(srv.addr).await;
+    c.s.write_all(
+        b"POST /v1/stream/h HTTP/1.1\r\nhost: t\r\ncontent-type: application/octet-stream\r\ntransfer-encoding: chunked\r\n\r\n5\r\nchnk;\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.response(false).await.status, 204);
+    // Expect: 100-continue.
+    let mut c = Conn::open(srv.addr).await;
+    c.s.write_all(
+        b"POST /v1/stream/h HTTP/1.1\r\nhost: t\r\ncontent-type: application/octet-stream\r\ncontent-length: 4\r\nexpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let r = c.response(false).await;
+    assert_eq!(r.status, 100);
+    c.s.write_all(b"exp;").await.unwrap();
+    assert_eq!(c.response(false).await.status, 204);
+    // Larger than the head buffer.
+    let big = "B".repeat(40_000);
+    let r = c
+        .request(
+            "POST",
+            "/v1/stream/h",
+            "content-type: application/octet-stream\r\n",
+            big.as_bytes(),
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    // Malformed length: refused, nothing appended.
+    let mut c = Conn::open(srv.addr).await;
+    c.s.write_all(
+        b"POST /v1/stream/h HTTP/1.1\r\nhost: t\r\ncontent-type: application/octet-stream\r\ncontent-length: 4x\r\n\r\nbad;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.response(false).await.status, 400);
+
+    let mut c = Conn::open(srv.addr).await;
+    let (got, _, _) = read_all(&mut c, "/v1/stream/h", "").await;
+    let want = format!("one;two;chnk;exp;{big}");
+    assert!(got == want.as_bytes(), "stream holds {} bytes", got.len());
 }
