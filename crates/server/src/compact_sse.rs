@@ -151,7 +151,10 @@ fn classify(
         }
         Ok(httparse::Status::Complete(len)) if len == buf.len() => match build(&parsed, peer) {
             None => Decision::Hyper,
-            Some(req) if sse => Decision::Compact(req),
+            Some(mut req) if sse => {
+                req.extensions_mut().insert(crate::sse_reactor::Parkable);
+                Decision::Compact(req)
+            }
             // Without sendfile (a compressed answer) hyper is as good.
             Some(mut req) if crate::compact_get::identity_only(req.headers(), codings) => {
                 req.extensions_mut().insert(crate::compact_get::ZeroCopy);
@@ -212,25 +215,61 @@ pub(crate) fn build(
     Some(Box::new(req))
 }
 
+/// What the first response on a compact SSE connection left to do.
+pub(crate) enum Started {
+    /// Nothing: the response is written, or the connection failed.
+    Done,
+    /// A body still to send (then the connection closes).
+    Sending(Sending),
+    /// The first delivery is written: the connection goes to its stream's
+    /// reactor ([`crate::sse_reactor`]).
+    Park(crate::live::ParkedSse),
+}
+
 /// Calls the router with `req` and writes its response head to `stream`;
-/// returns the body still to send, if any. Boxed by the caller: the
-/// router's future is large and only lives until the head is written.
-pub(crate) async fn start(
-    stream: &mut TcpStream,
-    app: Router,
-    req: Box<Request<Body>>,
-) -> Option<Sending> {
+/// returns what is left to do. Boxed by the caller: the router's future is
+/// large and only lives until the head is written.
+pub(crate) async fn start(stream: &mut TcpStream, app: Router, req: Box<Request<Body>>) -> Started {
     let resp = tower::ServiceExt::oneshot(app, *req).await;
     let resp: Response<Body> = match resp {
         Ok(r) => r,
         Err(never) => match never {},
     };
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
+    let parked = parts
+        .extensions
+        .remove::<crate::live::ParkSlot>()
+        .and_then(|slot| slot.0.lock().take());
     let framing = framing(parts.status, &parts.headers, &body);
-    let head = encode_head(parts.status, &parts.headers, framing, true);
+    let mut head = encode_head(parts.status, &parts.headers, framing, true);
     drop(parts);
-    stream.write_all(&head).await.ok()?;
-    (framing != Framing::None).then_some(Sending { body, framing })
+    if let Some(parked) = parked {
+        if framing != Framing::Chunked {
+            return Started::Done;
+        }
+        // The first delivery goes out with the head, as one chunk.
+        use http_body_util::BodyExt as _;
+        let Ok(first) = body.collect().await.map(|c| c.to_bytes()) else {
+            return Started::Done;
+        };
+        if !first.is_empty() {
+            head.extend_from_slice(format!("{:x}\r\n", first.len()).as_bytes());
+            head.extend_from_slice(&first);
+            head.extend_from_slice(b"\r\n");
+        }
+        return match stream.write_all(&head).await {
+            Ok(()) => Started::Park(parked),
+            Err(_) => Started::Done,
+        };
+    }
+    if stream.write_all(&head).await.is_err() {
+        return Started::Done;
+    }
+    if framing == Framing::None {
+        Started::Done
+    } else {
+        Started::Sending(Sending { body, framing })
+    }
 }
 
 /// A response body being sent on a compact connection.
@@ -247,14 +286,11 @@ pub(crate) struct Sending {
 /// future state, so it stays a couple of hundred bytes.
 pub(crate) fn finish<W: Unpin, P: Unpin>(
     stream: TcpStream,
-    sending: Option<Sending>,
+    sending: Sending,
     watcher: W,
     permit: P,
 ) -> Finish<W, P> {
-    let (body, framing) = match sending {
-        Some(s) => (Some(s.body), s.framing),
-        None => (None, Framing::None),
-    };
+    let (body, framing) = (Some(sending.body), sending.framing);
     Finish {
         stream,
         body,

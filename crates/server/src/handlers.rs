@@ -29,6 +29,9 @@ pub struct Conn {
     /// A catch-up response may leave its bytes in the engine's file
     /// ([`crate::compact_get::FileBody`]): the connection sends them.
     pub zero_copy: bool,
+    /// An SSE response may hand its connection to the stream's reactor
+    /// after the first delivery ([`crate::live::ParkSlot`]).
+    pub park_sse: bool,
 }
 
 /// Dispatches a request under the stream prefix.
@@ -64,7 +67,7 @@ pub async fn dispatch(
     let result = match method {
         Method::PUT => create(&state, &path, &uri, &headers, body).await,
         Method::POST => append(&state, &path, &headers, body).await,
-        Method::GET => read(&state, &path, &uri, &headers, conn.zero_copy).await,
+        Method::GET => read(&state, &path, &uri, &headers, conn).await,
         Method::HEAD => head(&state, &path).await,
         Method::DELETE => delete(&state, &path).await,
         _ => Err(ApiError::MethodNotAllowed),
@@ -385,8 +388,9 @@ async fn read(
     path: &str,
     uri: &Uri,
     headers: &HeaderMap,
-    zero_copy: bool,
+    conn: Conn,
 ) -> Result<Response, ApiError> {
+    let (zero_copy, park_sse) = (conn.zero_copy, conn.park_sse);
     let q = request::parse_read_query(uri.query())?;
     match q.live {
         LiveMode::CatchUp if zero_copy && q.offset != OffsetParam::Now => {
@@ -396,7 +400,7 @@ async fn read(
         LiveMode::LongPoll => {
             live::long_poll(state, path, q.offset, q.cursor.as_deref(), headers).await
         }
-        LiveMode::Sse => live::sse(state, path, q.offset, q.cursor.as_deref()).await,
+        LiveMode::Sse => live::sse(state, path, q.offset, q.cursor.as_deref(), park_sse).await,
     }
 }
 

@@ -25,6 +25,7 @@ pub mod ratelimit;
 pub mod request;
 pub mod settings;
 pub mod sse_cache;
+mod sse_reactor;
 pub mod state;
 pub mod subscriptions;
 mod subscriptions_http;
@@ -403,15 +404,32 @@ impl Connections {
                             Box::pin(self.serve_hyper(io, peer, false, watcher)).await
                         }
                         compact_sse::Head::Compact(req) => {
-                            let sending =
+                            let started =
                                 Box::pin(compact_sse::start(&mut stream, self.app.clone(), req))
                                     .await;
-                            // The rest in a task of its own, sized for just
-                            // that (this one carries every phase's state).
-                            // It holds the watcher, so graceful shutdown
-                            // waits for it (the SSE body ends on shutdown by
-                            // itself), and the connection slot.
-                            tokio::spawn(compact_sse::finish(stream, sending, watcher, permit));
+                            match started {
+                                compact_sse::Started::Done => {}
+                                // The rest in a task of its own, sized for
+                                // just that (this one carries every phase's
+                                // state). It holds the watcher, so graceful
+                                // shutdown waits for it (the SSE body ends on
+                                // shutdown by itself), and the connection
+                                // slot.
+                                compact_sse::Started::Sending(sending) => {
+                                    tokio::spawn(compact_sse::finish(
+                                        stream, sending, watcher, permit,
+                                    ));
+                                }
+                                // Parked in the stream's reactor, with the
+                                // watcher and the slot.
+                                compact_sse::Started::Park(parked) => {
+                                    sse_reactor::park(sse_reactor::Handover {
+                                        stream,
+                                        parked,
+                                        held: (watcher, permit),
+                                    });
+                                }
+                            }
                         }
                         compact_sse::Head::KeepAlive(req) => {
                             // Served here (the watcher held, so shutdown
@@ -600,6 +618,7 @@ async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::res
         https: parts.extensions.get::<TlsConnection>().is_some()
             || parts.uri.scheme_str() == Some("https"),
         zero_copy: parts.extensions.get::<compact_get::ZeroCopy>().is_some(),
+        park_sse: parts.extensions.get::<sse_reactor::Parkable>().is_some(),
     };
     let resp = handlers::dispatch(
         state.clone(),

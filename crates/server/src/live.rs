@@ -43,7 +43,7 @@ fn wake_at(deadline: Instant, meta: &StreamMeta) -> Instant {
     wake_at_ms(deadline, meta.expires_at_ms)
 }
 
-fn wake_at_ms(deadline: Instant, expires_at_ms: Option<u64>) -> Instant {
+pub(crate) fn wake_at_ms(deadline: Instant, expires_at_ms: Option<u64>) -> Instant {
     let Some(exp_ms) = expires_at_ms else {
         return deadline;
     };
@@ -190,7 +190,7 @@ fn payload(chunk: &ReadChunk) -> Vec<u8> {
 }
 
 /// A read, encoded for SSE.
-fn delivery(chunk: &ReadChunk, base64: bool) -> Delivery {
+pub(crate) fn delivery(chunk: &ReadChunk, base64: bool) -> Delivery {
     let closed = chunk_closed(chunk);
     let mut control_tail = Vec::with_capacity(64);
     sse::write_control_tail(
@@ -212,13 +212,26 @@ fn delivery(chunk: &ReadChunk, base64: bool) -> Delivery {
 
 /// The start of one connection's control events while the stream is open
 /// (up to and including its cursor), written once per connection.
-struct ControlHead(Vec<u8>);
+pub(crate) struct ControlHead(Vec<u8>);
 
 impl ControlHead {
     fn new(cursor: &str) -> Self {
-        let mut head = Vec::new();
+        let mut head = Vec::with_capacity(64);
         sse::write_control_head(&mut head, Some(cursor), false);
+        // Kept for the connection's life: no spare capacity.
+        head.shrink_to_fit();
         ControlHead(head)
+    }
+
+    /// Appends the control event of `d` to `out`.
+    pub(crate) fn control_into(&self, out: &mut Vec<u8>, d: &Delivery) {
+        if d.closed {
+            // The last event of the connection: no cursor.
+            sse::write_control_head(out, None, true);
+        } else {
+            out.extend_from_slice(&self.0);
+        }
+        out.extend_from_slice(&d.control_tail);
     }
 
     /// A buffer holding `data` (if any) and the control event of `d`.
@@ -258,7 +271,7 @@ async fn read_delivery(
 
 /// A chunk encoded for SSE; refuses data of another incarnation of the
 /// path (the stream was deleted and re-created under the reader).
-fn checked_delivery(
+pub(crate) fn checked_delivery(
     chunk: &ReadChunk,
     incarnation: u64,
     base64: bool,
@@ -269,11 +282,38 @@ fn checked_delivery(
     Ok(delivery(chunk, base64))
 }
 
+/// An SSE connection's state once its first delivery is written, for
+/// [`crate::sse_reactor`] to carry on with (compact HTTP/1.1 connections).
+pub(crate) struct ParkedSse {
+    pub(crate) state: Arc<AppState>,
+    pub(crate) path: String,
+    pub(crate) incarnation: u64,
+    pub(crate) base64: bool,
+    pub(crate) rx: watch::Receiver<Signal>,
+    /// Where the next delivery starts.
+    pub(crate) offset: Offset,
+    /// `upToDate` was already sent for `offset` (an empty read there sends
+    /// nothing more).
+    pub(crate) announced_up_to_date: bool,
+    /// When the connection is closed for the client to reconnect.
+    pub(crate) deadline: Instant,
+    pub(crate) expires_at_ms: Option<u64>,
+    pub(crate) head: ControlHead,
+    /// The live-reader slot and gauge, released when the connection ends.
+    pub(crate) held: (crate::state::LiveGuard, crate::metrics::GaugeGuard),
+}
+
+/// Response extension carrying a [`ParkedSse`] out of the router (the
+/// extension map wants `Clone`).
+#[derive(Clone)]
+pub(crate) struct ParkSlot(pub(crate) Arc<parking_lot::Mutex<Option<ParkedSse>>>);
+
 pub async fn sse(
     state: &Arc<AppState>,
     path: &str,
     offset: OffsetParam,
     client_cursor: Option<&str>,
+    park: bool,
 ) -> Result<Response, ApiError> {
     let mut rx = state.engine.watch(path).await?;
     let first = state
@@ -294,6 +334,19 @@ pub async fn sse(
     let held = (slot, gauge);
     let mut next = Some(Arc::new(delivery(&first, base64)));
     drop(first);
+    if park && next.as_ref().is_some_and(|d| !d.closed) {
+        return Ok(parked_response(
+            state,
+            path,
+            rx,
+            next,
+            head,
+            held,
+            deadline,
+            incarnation,
+            base64,
+        ));
+    }
 
     let events = async_stream::stream! {
         let _held = &held;
@@ -381,7 +434,65 @@ pub async fn sse(
         }
     };
 
-    let mut resp = (StatusCode::OK, Body::from_stream(events)).into_response();
+    let resp = (StatusCode::OK, Body::from_stream(events)).into_response();
+    Ok(sse_headers(resp, base64))
+}
+
+/// An SSE response whose body is the first delivery only, carrying the
+/// connection's state in a [`ParkSlot`] for the reactor.
+#[allow(clippy::too_many_arguments)]
+fn parked_response(
+    state: Arc<AppState>,
+    path: String,
+    rx: watch::Receiver<Signal>,
+    first: Option<Arc<Delivery>>,
+    head: ControlHead,
+    held: (crate::state::LiveGuard, crate::metrics::GaugeGuard),
+    deadline: Instant,
+    incarnation: u64,
+    base64: bool,
+) -> Response {
+    let mut body = Vec::new();
+    let mut offset = Offset(0);
+    let mut announced_up_to_date = false;
+    let mut expires_at_ms = None;
+    if let Some(d) = first {
+        // As the first turn of the connection loop in `sse`: data and its
+        // control event, or the control event alone.
+        if let Some(data) = &d.data_event {
+            body.extend_from_slice(data);
+        }
+        head.control_into(&mut body, &d);
+        announced_up_to_date = d.data_event.is_none() || d.up_to_date;
+        offset = d.next;
+        expires_at_ms = d.expires_at_ms;
+    }
+    state.metrics.sent(ReadKind::Sse, body.len() as u64);
+    let parked = ParkedSse {
+        state,
+        path,
+        incarnation,
+        base64,
+        rx,
+        offset,
+        announced_up_to_date,
+        deadline,
+        expires_at_ms,
+        head,
+        held,
+    };
+    // A body of unknown length: the connection uses chunked coding, and
+    // the reactor goes on with more chunks.
+    let frame = futures_util::stream::once(async move {
+        Ok::<Bytes, std::convert::Infallible>(Bytes::from(body))
+    });
+    let mut resp = (StatusCode::OK, Body::from_stream(frame)).into_response();
+    resp.extensions_mut()
+        .insert(ParkSlot(Arc::new(parking_lot::Mutex::new(Some(parked)))));
+    sse_headers(resp, base64)
+}
+
+fn sse_headers(mut resp: Response, base64: bool) -> Response {
     let hs = resp.headers_mut();
     hs.insert(
         "content-type",
@@ -395,5 +506,5 @@ pub async fn sse(
             HeaderValue::from_static("base64"),
         );
     }
-    Ok(resp)
+    resp
 }

@@ -92,6 +92,8 @@ pub struct StreamShare {
     pub(crate) readers: AtomicUsize,
     slots: Mutex<VecDeque<Arc<Slot>>>,
     budget: Arc<Budget>,
+    /// The stream's reactor for parked SSE connections, while it runs.
+    pub(crate) reactor: parking_lot::Mutex<Option<crate::sse_reactor::ReactorHandle>>,
 }
 
 impl StreamShare {
@@ -101,6 +103,7 @@ impl StreamShare {
             readers: AtomicUsize::new(0),
             slots: Mutex::new(VecDeque::with_capacity(SLOTS_PER_STREAM)),
             budget,
+            reactor: parking_lot::Mutex::new(None),
         }
     }
 
