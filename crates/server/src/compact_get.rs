@@ -101,47 +101,19 @@ pub(crate) enum Post {
 /// built it. `rest`: the bytes read after the head.
 pub(crate) fn build_post(
     parsed: &httparse::Request<'_, '_>,
+    buf: &[u8],
+    head_len: usize,
     peer: std::net::SocketAddr,
-    rest: &[u8],
 ) -> Post {
+    let rest = &buf[head_len..];
     if parsed.method != Some("POST") || parsed.version != Some(1) {
         return Post::Hyper;
     }
     let Some(path) = parsed.path else {
         return Post::Hyper;
     };
-    let Ok(uri) = http::Uri::try_from(path) else {
-        return Post::Hyper;
-    };
-    if uri.path_and_query().is_none() {
-        return Post::Hyper;
-    }
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    let mut length: Option<usize> = None;
-    for h in parsed.headers.iter() {
-        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Post::Hyper;
-        };
-        if name == http::header::CONTENT_LENGTH {
-            // One plain decimal length; anything else is hyper's to judge.
-            let v = h.value;
-            if length.is_some() || v.is_empty() || v.len() > 9 || !v.iter().all(u8::is_ascii_digit)
-            {
-                return Post::Hyper;
-            }
-            length = std::str::from_utf8(v).ok().and_then(|t| t.parse().ok());
-        } else if name == http::header::TRANSFER_ENCODING
-            || name == http::header::UPGRADE
-            || name == http::header::EXPECT
-        {
-            return Post::Hyper;
-        }
-        let Ok(value) = http::HeaderValue::from_bytes(h.value) else {
-            return Post::Hyper;
-        };
-        headers.append(name, value);
-    }
-    let Some(length) = length else {
+    // Checked before copying: a body still arriving is read first.
+    let Some(length) = content_length(parsed) else {
         return Post::Hyper;
     };
     if length > crate::compact_sse::MAX_HEAD_BYTES {
@@ -152,13 +124,61 @@ pub(crate) fn build_post(
         std::cmp::Ordering::Greater => return Post::Hyper,
         std::cmp::Ordering::Equal => {}
     }
-    let mut req = Request::new(Body::from(bytes::Bytes::copy_from_slice(rest)));
+    let shared = crate::compact_sse::SharedHead::new(buf);
+    let Some(uri) = shared.uri(path) else {
+        return Post::Hyper;
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Post::Hyper;
+        };
+        if name == http::header::TRANSFER_ENCODING
+            || name == http::header::UPGRADE
+            || name == http::header::EXPECT
+        {
+            return Post::Hyper;
+        }
+        let Some(value) = shared.value(h.value) else {
+            return Post::Hyper;
+        };
+        headers.append(name, value);
+    }
+    let Some(body) = shared.slice(rest) else {
+        return Post::Hyper;
+    };
+    let mut req = Request::new(Body::from(body));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri;
     *req.version_mut() = http::Version::HTTP_11;
     *req.headers_mut() = headers;
     req.extensions_mut().insert(crate::PeerAddr(peer));
     Post::Ready(Box::new(req))
+}
+
+/// The request's one plain decimal `Content-Length`; `None` when it has
+/// none, several, or one hyper should judge, and with chunked coding, an
+/// upgrade or an `Expect` (a client waiting for `100 Continue` must not be
+/// waited for here).
+fn content_length(parsed: &httparse::Request<'_, '_>) -> Option<usize> {
+    let mut length = None;
+    for h in parsed.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || h.name.eq_ignore_ascii_case("upgrade")
+            || h.name.eq_ignore_ascii_case("expect")
+        {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = h.value;
+            if length.is_some() || v.is_empty() || v.len() > 9 || !v.iter().all(u8::is_ascii_digit)
+            {
+                return None;
+            }
+            length = std::str::from_utf8(v).ok().and_then(|t| t.parse().ok());
+        }
+    }
+    length
 }
 
 /// True when the request asks for the connection to close after it.

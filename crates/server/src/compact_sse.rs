@@ -62,9 +62,13 @@ pub(crate) async fn read_head(
     timeout: std::time::Duration,
     shutdown: &CancellationToken,
     codings: &[crate::compression::Algorithm],
+    buf: &mut Vec<u8>,
 ) -> Head {
     let deadline = Instant::now() + timeout;
-    let mut buf: Vec<u8> = Vec::with_capacity(FIRST_READ_BYTES);
+    buf.clear();
+    if buf.capacity() == 0 {
+        buf.reserve(FIRST_READ_BYTES);
+    }
     loop {
         let read = async {
             loop {
@@ -72,7 +76,7 @@ pub(crate) async fn read_head(
                 if buf.len() == buf.capacity() {
                     buf.reserve(buf.capacity());
                 }
-                match stream.try_read_buf(&mut buf) {
+                match stream.try_read_buf(buf) {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                     r => return r,
                 }
@@ -90,12 +94,12 @@ pub(crate) async fn read_head(
             return if buf.is_empty() {
                 Head::Closed
             } else {
-                Head::Hyper(buf)
+                Head::Hyper(std::mem::take(buf))
             };
         }
-        match classify(&buf, peer, codings) {
+        match classify(buf, peer, codings) {
             Decision::NeedMore if buf.len() < MAX_HEAD_BYTES => {}
-            Decision::NeedMore | Decision::Hyper => return Head::Hyper(buf),
+            Decision::NeedMore | Decision::Hyper => return Head::Hyper(std::mem::take(buf)),
             Decision::Compact(req) => return Head::Compact(req),
             Decision::KeepAlive(req) => return Head::KeepAlive(req),
         }
@@ -143,25 +147,27 @@ fn classify(
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) if post => {
-            match crate::compact_get::build_post(&parsed, peer, &buf[len..]) {
+            match crate::compact_get::build_post(&parsed, buf, len, peer) {
                 crate::compact_get::Post::Ready(req) => Decision::KeepAlive(req),
                 crate::compact_get::Post::NeedMore => Decision::NeedMore,
                 crate::compact_get::Post::Hyper => Decision::Hyper,
             }
         }
-        Ok(httparse::Status::Complete(len)) if len == buf.len() => match build(&parsed, peer) {
-            None => Decision::Hyper,
-            Some(mut req) if sse => {
-                req.extensions_mut().insert(crate::sse_reactor::Parkable);
-                Decision::Compact(req)
+        Ok(httparse::Status::Complete(len)) if len == buf.len() => {
+            match build(&parsed, buf, peer) {
+                None => Decision::Hyper,
+                Some(mut req) if sse => {
+                    req.extensions_mut().insert(crate::sse_reactor::Parkable);
+                    Decision::Compact(req)
+                }
+                // Without sendfile (a compressed answer) hyper is as good.
+                Some(mut req) if crate::compact_get::identity_only(req.headers(), codings) => {
+                    req.extensions_mut().insert(crate::compact_get::ZeroCopy);
+                    Decision::KeepAlive(req)
+                }
+                Some(_) => Decision::Hyper,
             }
-            // Without sendfile (a compressed answer) hyper is as good.
-            Some(mut req) if crate::compact_get::identity_only(req.headers(), codings) => {
-                req.extensions_mut().insert(crate::compact_get::ZeroCopy);
-                Decision::KeepAlive(req)
-            }
-            Some(_) => Decision::Hyper,
-        },
+        }
         // Bytes after the head (pipelining, or a body): hyper's job.
         Ok(httparse::Status::Complete(_)) => Decision::Hyper,
         Ok(httparse::Status::Partial) => Decision::NeedMore,
@@ -186,13 +192,14 @@ fn line_asks_sse(line: &[u8]) -> bool {
 /// for the compact path (hyper then serves it and answers any error).
 pub(crate) fn build(
     parsed: &httparse::Request<'_, '_>,
+    buf: &[u8],
     peer: std::net::SocketAddr,
 ) -> Option<Box<Request<Body>>> {
     if parsed.method != Some("GET") || parsed.version != Some(1) {
         return None;
     }
-    let uri = http::Uri::try_from(parsed.path?).ok()?;
-    uri.path_and_query()?;
+    let shared = SharedHead::new(buf);
+    let uri = shared.uri(parsed.path?)?;
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
@@ -204,7 +211,7 @@ pub(crate) fn build(
         {
             return None;
         }
-        headers.append(name, HeaderValue::from_bytes(h.value).ok()?);
+        headers.append(name, shared.value(h.value)?);
     }
     let mut req = Request::new(Body::empty());
     *req.method_mut() = Method::GET;
@@ -213,6 +220,40 @@ pub(crate) fn build(
     *req.headers_mut() = headers;
     req.extensions_mut().insert(PeerAddr(peer));
     Some(Box::new(req))
+}
+
+/// A request's head (and body) copied once into shared bytes: the URI,
+/// header values and body are slices of it, not an allocation each.
+pub(crate) struct SharedHead<'a> {
+    buf: &'a [u8],
+    bytes: bytes::Bytes,
+}
+
+impl<'a> SharedHead<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        SharedHead {
+            buf,
+            bytes: bytes::Bytes::copy_from_slice(buf),
+        }
+    }
+
+    /// The same bytes as `part` (a slice of the read buffer), shared.
+    pub(crate) fn slice(&self, part: &[u8]) -> Option<bytes::Bytes> {
+        let start = (part.as_ptr() as usize).checked_sub(self.buf.as_ptr() as usize)?;
+        let end = start.checked_add(part.len())?;
+        (end <= self.buf.len()).then(|| self.bytes.slice(start..end))
+    }
+
+    pub(crate) fn value(&self, part: &[u8]) -> Option<HeaderValue> {
+        HeaderValue::from_maybe_shared(self.slice(part)?).ok()
+    }
+
+    /// An origin-form request target (`/path?query`).
+    pub(crate) fn uri(&self, target: &str) -> Option<http::Uri> {
+        let uri = http::Uri::from_maybe_shared(self.slice(target.as_bytes())?).ok()?;
+        uri.path_and_query()?;
+        Some(uri)
+    }
 }
 
 /// What the first response on a compact SSE connection left to do.

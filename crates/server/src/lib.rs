@@ -388,6 +388,8 @@ impl Connections {
         match tls {
             None => {
                 let mut stream = stream;
+                // Reused for every request head on this connection.
+                let mut head_buf = Vec::new();
                 loop {
                     let head = compact_sse::read_head(
                         &stream,
@@ -395,6 +397,7 @@ impl Connections {
                         HEADER_READ_TIMEOUT,
                         &self.shutdown,
                         &self.codings,
+                        &mut head_buf,
                     )
                     .await;
                     match head {
