@@ -100,8 +100,15 @@ fn set_expiry(resp: &mut Response, meta: &StreamMeta) {
     }
 }
 
+/// Room for the headers a response gets here and in the policy layer
+/// (offsets, ETag, CORS, request id...): the map is allocated once.
+const RESPONSE_HEADERS: usize = 16;
+
 fn empty(status: StatusCode) -> Response {
-    (status, Body::empty()).into_response()
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
+    resp
 }
 
 async fn create(
@@ -527,8 +534,9 @@ pub fn chunk_response(chunk: &ReadChunk, headers: &HeaderMap) -> Response {
 
 /// The body and protocol headers of a read.
 pub fn data_response(chunk: &ReadChunk, status: StatusCode) -> Response {
-    let body = body_of(chunk);
-    let mut resp = (status, body).into_response();
+    let mut resp = Response::new(body_of(chunk));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
     set(&mut resp, "content-type", &chunk.meta.content_type);
     set_offset(&mut resp, chunk.next);
     if chunk.up_to_date() {
