@@ -16,7 +16,7 @@
 
 use crate::state::AppState;
 use axum::body::{Body, HttpBody};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header::{
     ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY,
 };
@@ -28,7 +28,6 @@ use durable_streams_protocol::etag;
 use http_body_util::BodyExt;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::io::Write;
-use std::sync::Arc;
 
 /// Bodies up to this size are compressed on the async worker (at most
 /// ~0.2 ms, br 3 being the slowest default at ~25 ms/MiB); larger ones on
@@ -298,7 +297,15 @@ fn not_modified(mut resp: Response, tag: HeaderValue) -> Response {
 }
 
 /// The compression middleware (installed only when enabled).
-pub async fn layer(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+/// Compresses the response to `req` (run by `next`) when the client
+/// accepts a configured coding. Called by the response policy layer
+/// ([`crate::layers::policy`]) rather than installed as a layer of its
+/// own: every axum middleware layer boxes the request's future and clones
+/// a boxed service (the layer's own share was ~3.5% of the server's CPU
+/// samples on 256-byte appends, `perf record`).
+/// Outermost or innermost makes no difference to what it does: it only
+/// changes 200 and 304 answers to GETs.
+pub async fn apply(state: &AppState, mut req: Request, next: Next) -> Response {
     if req.method() != Method::GET {
         return next.run(req).await;
     }

@@ -5,7 +5,7 @@
 use crate::state::AppState;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use durable_streams_protocol::headers as h;
@@ -114,6 +114,10 @@ fn cors_allow_origin(allowed: &[String], req: &Request) -> AllowOrigin {
 
 const METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 
+// Names parsed once, not on every insert (`insert("name", ..)` parses).
+const CORP: HeaderName = HeaderName::from_static("cross-origin-resource-policy");
+const REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
+
 pub async fn policy(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let allow_origin = cors_allow_origin(&state.config.cors_allowed_origins, &req);
@@ -145,35 +149,41 @@ pub async fn policy(State(state): State<Arc<AppState>>, mut req: Request, next: 
         // with the fmt subscriber), too much for the default read path;
         // failures are logged below with their id at any level.
         let span = tracing::debug_span!("request", request_id = request_id.as_str());
-        next.run(req).instrument(span).await
+        if state.config.compression.enabled() {
+            crate::compression::apply(&state, req, next)
+                .instrument(span)
+                .await
+        } else {
+            next.run(req).instrument(span).await
+        }
     };
     let hs = resp.headers_mut();
     // The headers added below, in one growth of the map.
     hs.reserve(6);
     match allow_origin {
         AllowOrigin::Any => {
-            hs.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+            hs.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
         }
         AllowOrigin::Listed(origin) => {
-            hs.insert("access-control-allow-origin", origin);
-            hs.append("vary", HeaderValue::from_static("origin"));
+            hs.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            hs.append(header::VARY, HeaderValue::from_static("origin"));
         }
         // No ACAO: the browser refuses the response (a preflight too).
         AllowOrigin::Refused => {
-            hs.append("vary", HeaderValue::from_static("origin"));
+            hs.append(header::VARY, HeaderValue::from_static("origin"));
         }
     }
-    hs.insert("access-control-expose-headers", expose_list().clone());
+    hs.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose_list().clone());
     hs.insert(
-        "x-content-type-options",
+        header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    hs.insert(
-        "cross-origin-resource-policy",
-        HeaderValue::from_static("cross-origin"),
-    );
+    hs.insert(CORP, HeaderValue::from_static("cross-origin"));
     log_request(&request_id, &method, &uri, resp.status(), started, peer);
-    resp.headers_mut().insert(h::REQUEST_ID, request_id.0);
+    resp.headers_mut().insert(REQUEST_ID, request_id.0);
     resp
 }
 

@@ -150,9 +150,9 @@ impl Server {
     /// operation under the path prefix, with CORS and security headers.
     ///
     /// Layers, outermost first: response policy (CORS preflight, security
-    /// headers, logging), authentication, rate limiting, compression. A
-    /// feature that is switched off is not installed at all, so it costs
-    /// nothing per request.
+    /// headers, logging, and compression when enabled), authentication,
+    /// rate limiting. A feature that is switched off is not installed at
+    /// all, so it costs nothing per request.
     pub fn router(&self) -> Router {
         let state = self.state.clone();
         let cfg = &state.config;
@@ -163,12 +163,6 @@ impl Server {
             .route("/readyz", get(readyz_handler))
             .fallback(dispatch)
             .with_state(state.clone());
-        if cfg.compression.enabled() {
-            router = router.layer(axum::middleware::from_fn_with_state(
-                state.clone(),
-                compression::layer,
-            ));
-        }
         if cfg.rate_limit.enabled() {
             // The buckets belong to this router: one limiter per served app.
             let limiter = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
