@@ -116,21 +116,51 @@ pub fn media_type(content_type: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// The media type of `content_type` as it is written (before any
+/// parameters, trimmed): compared case-insensitively without allocating.
+fn media_type_raw(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
+/// `media_type(a) == media_type(b)`, without allocating (checked on every
+/// append).
+pub fn same_media_type(a: &str, b: &str) -> bool {
+    media_type_raw(a).eq_ignore_ascii_case(media_type_raw(b))
+}
+
 /// True for `application/json` (JSON mode).
 pub fn is_json(content_type: &str) -> bool {
-    media_type(content_type) == "application/json"
+    media_type_raw(content_type).eq_ignore_ascii_case("application/json")
 }
 
 /// True when SSE data events carry text natively (`text/*`, `application/json`);
 /// everything else is base64 encoded.
 pub fn is_sse_text(content_type: &str) -> bool {
-    let m = media_type(content_type);
-    m.starts_with("text/") || m == "application/json"
+    let m = media_type_raw(content_type);
+    m.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"))
+        || m.eq_ignore_ascii_case("application/json")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The allocation-free comparisons agree with comparing normalised
+        /// media types.
+        #[test]
+        fn media_type_comparisons_match_normalised(
+            a in "[ a-zA-Z/+;=-]{0,24}",
+            b in proptest::sample::select(vec!["application/json", "Application/JSON; charset=utf-8",
+                "text/plain", " TEXT/html ", "application/octet-stream", "", ";", "text/"]),
+        ) {
+            proptest::prop_assert_eq!(same_media_type(&a, b), media_type(&a) == media_type(b));
+            proptest::prop_assert_eq!(is_json(&a), media_type(&a) == "application/json");
+            let m = media_type(&a);
+            proptest::prop_assert_eq!(is_sse_text(&a), m.starts_with("text/") || m == "application/json");
+            proptest::prop_assert_eq!(is_json(b), media_type(b) == "application/json");
+        }
+    }
 
     #[test]
     fn ttl_accepts_only_plain_decimal() {

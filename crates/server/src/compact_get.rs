@@ -12,9 +12,9 @@
 //! A connection whose request is a catch-up `GET` (an `offset`, no `live`,
 //! no body, HTTP/1.1, no compression accepted) or a `POST` whose whole
 //! `Content-Length` body arrived with its head (within the 16 KiB head
-//! buffer) is served here: the request goes through the same axum
-//! [`Router`] as any other (auth, rate limits, CORS, request ids, body
-//! limits and metrics apply unchanged). A catch-up read is marked
+//! buffer) is served here: the request goes through the same application
+//! as any other ([`crate::direct::App`]: auth, rate limits, CORS, request
+//! ids, body limits and metrics apply unchanged). A catch-up read is marked
 //! [`ZeroCopy`]; a handler that can leaves the bytes in the file and puts a
 //! [`FileBody`] on the response, which is sent here with `sendfile`; any
 //! other response is written as it is (small ones in one write with the
@@ -31,7 +31,6 @@
 use crate::compact_sse::{encode_head, framing, Framing};
 use crate::compression::{negotiate, Algorithm};
 use axum::body::Body;
-use axum::Router;
 use durable_streams_storage::FileSlice;
 use http::{HeaderMap, Request, Response};
 use std::io;
@@ -192,24 +191,32 @@ fn wants_close(headers: &HeaderMap) -> bool {
 
 /// Serves one request on `stream`. Returns `true` when the
 /// connection may carry another request (the response was sent whole and
-/// neither side asked to close).
-pub(crate) async fn respond(stream: &mut TcpStream, app: Router, req: Box<Request<Body>>) -> bool {
+/// neither side asked to close). `out`: the connection's response buffer,
+/// reused across its requests.
+pub(crate) async fn respond(
+    stream: &mut TcpStream,
+    app: &crate::direct::App,
+    req: Box<Request<Body>>,
+    out: &mut Vec<u8>,
+) -> bool {
     let close = wants_close(req.headers());
-    let resp = tower::ServiceExt::oneshot(app, *req).await;
-    let resp: Response<Body> = match resp {
-        Ok(r) => r,
-        Err(never) => match never {},
-    };
+    let resp: Response<Body> = app.call(*req).await;
     let (mut parts, body) = resp.into_parts();
     let file = parts.extensions.remove::<FileBody>();
     let close = close || wants_close(&parts.headers);
     let framing = framing(parts.status, &parts.headers, &body);
-    let head = encode_head(parts.status, &parts.headers, framing, close);
+    out.clear();
+    encode_head(out, parts.status, &parts.headers, framing, close);
     drop(parts);
     let sent = match file {
-        Some(FileBody(slice)) => send_file(stream, &head, &slice).await,
-        None => send_body(stream, &head, body, framing).await,
+        Some(FileBody(slice)) => send_file(stream, out, &slice).await,
+        None => send_body(stream, out, body, framing).await,
     };
+    // Kept for the next request only while small: an idle keep-alive
+    // connection should not hold a large response's buffer.
+    if out.capacity() > KEPT_OUT_BUF_BYTES {
+        *out = Vec::new();
+    }
     match sent {
         Ok(()) if !close => true,
         _ => {
@@ -218,6 +225,9 @@ pub(crate) async fn respond(stream: &mut TcpStream, app: Router, req: Box<Reques
         }
     }
 }
+
+/// Largest response buffer a connection keeps between requests.
+const KEPT_OUT_BUF_BYTES: usize = 4096;
 
 async fn send_file(stream: &mut TcpStream, head: &[u8], slice: &FileSlice) -> io::Result<()> {
     stream.write_all(head).await?;
@@ -257,9 +267,10 @@ async fn send_file(stream: &mut TcpStream, head: &[u8], slice: &FileSlice) -> io
     Ok(())
 }
 
+/// `head`: the encoded head; a small body is appended to it.
 async fn send_body(
     stream: &mut TcpStream,
-    head: &[u8],
+    head: &mut Vec<u8>,
     body: Body,
     framing: Framing,
 ) -> io::Result<()> {
@@ -274,10 +285,8 @@ async fn send_body(
         if data.len() as u64 != n {
             return Err(io::ErrorKind::InvalidData.into());
         }
-        let mut out = Vec::with_capacity(head.len() + data.len());
-        out.extend_from_slice(head);
-        out.extend_from_slice(&data);
-        return stream.write_all(&out).await;
+        head.extend_from_slice(&data);
+        return stream.write_all(head).await;
     }
     stream.write_all(head).await?;
     let mut body = body;

@@ -5,8 +5,8 @@
 //! futures: about 20 KiB per idle SSE reader. Here the first request head of
 //! a cleartext connection is read into a small buffer first. A complete
 //! `GET ...?live=sse` HTTP/1.1 request without a body is handed to the same
-//! axum [`Router`] as any other request (auth, rate limits, CORS, request ids
-//! and metrics apply unchanged); its response head is written here, then
+//! application as any other request ([`crate::direct::App`]: auth, rate
+//! limits, CORS, request ids and metrics apply unchanged); its response head is written here, then
 //! the body frames go straight to the socket as chunks, and the connection
 //! closes when the body ends. While idle such a connection holds only the
 //! socket, the response body and this task's small state.
@@ -18,7 +18,6 @@
 
 use crate::PeerAddr;
 use axum::body::Body;
-use axum::Router;
 use bytes::Buf;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use std::io;
@@ -270,19 +269,20 @@ pub(crate) enum Started {
 /// Calls the router with `req` and writes its response head to `stream`;
 /// returns what is left to do. Boxed by the caller: the router's future is
 /// large and only lives until the head is written.
-pub(crate) async fn start(stream: &mut TcpStream, app: Router, req: Box<Request<Body>>) -> Started {
-    let resp = tower::ServiceExt::oneshot(app, *req).await;
-    let resp: Response<Body> = match resp {
-        Ok(r) => r,
-        Err(never) => match never {},
-    };
+pub(crate) async fn start(
+    stream: &mut TcpStream,
+    app: &crate::direct::App,
+    req: Box<Request<Body>>,
+) -> Started {
+    let resp: Response<Body> = app.call(*req).await;
     let (mut parts, body) = resp.into_parts();
     let parked = parts
         .extensions
         .remove::<crate::live::ParkSlot>()
         .and_then(|slot| slot.0.lock().take());
     let framing = framing(parts.status, &parts.headers, &body);
-    let mut head = encode_head(parts.status, &parts.headers, framing, true);
+    let mut head = Vec::with_capacity(512);
+    encode_head(&mut head, parts.status, &parts.headers, framing, true);
     drop(parts);
     if let Some(parked) = parked {
         if framing != Framing::Chunked {
@@ -479,13 +479,14 @@ pub(crate) fn framing(status: StatusCode, headers: &HeaderMap, body: &Body) -> F
 
 /// Status line and headers: the router's, with the connection's framing,
 /// `Connection: close` when `close`, and `Date` as hyper adds it.
+/// Appended to `out`.
 pub(crate) fn encode_head(
+    out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
     framing: Framing,
     close: bool,
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(512);
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
@@ -516,13 +517,12 @@ pub(crate) fn encode_head(
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Length(Some(n)) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
             out.extend_from_slice(b"\r\n");
         }
         Framing::Length(None) | Framing::None => {}
     }
     out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// Calls `f` with the current `Date` value, formatted once per second per
@@ -542,6 +542,19 @@ fn http_date(f: impl FnOnce(&[u8])) {
         }
         f(c.1.as_bytes());
     });
+}
+
+/// `n` in decimal, formatted into `buf`.
+fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
 }
 
 /// Writes `{len:x}\r\n` into `out`; returns its length.

@@ -21,7 +21,6 @@ use axum::http::header::{
     ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH, VARY,
 };
 use axum::http::{HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use durable_streams_protocol::etag;
@@ -305,9 +304,13 @@ fn not_modified(mut resp: Response, tag: HeaderValue) -> Response {
 /// samples on 256-byte appends, `perf record`).
 /// Outermost or innermost makes no difference to what it does: it only
 /// changes 200 and 304 answers to GETs.
-pub async fn apply(state: &AppState, mut req: Request, next: Next) -> Response {
+pub async fn apply<F, Fut>(state: &AppState, mut req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     if req.method() != Method::GET {
-        return next.run(req).await;
+        return next(req).await;
     }
     let cfg = &state.config.compression;
     let chosen = req
@@ -321,7 +324,7 @@ pub async fn apply(state: &AppState, mut req: Request, next: Next) -> Response {
         Some(_) => req.headers_mut().remove(IF_NONE_MATCH),
         None => None,
     };
-    let mut resp = next.run(req).await;
+    let mut resp = next(req).await;
     let status = resp.status();
     if !(status == StatusCode::OK || status == StatusCode::NOT_MODIFIED)
         || resp.headers().contains_key(CONTENT_ENCODING)

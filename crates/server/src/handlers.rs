@@ -75,8 +75,19 @@ pub async fn dispatch(
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
-fn set(resp: &mut Response, name: &'static str, value: impl ToString) {
-    if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+fn set(resp: &mut Response, name: &'static str, value: impl std::fmt::Display) {
+    // Formatted on the stack (offsets, numbers, dates all fit): one
+    // allocation for the value instead of two.
+    use std::io::Write as _;
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let v = if write!(cursor, "{value}").is_ok() {
+        let n = cursor.position() as usize;
+        HeaderValue::from_bytes(&buf[..n])
+    } else {
+        HeaderValue::from_str(&value.to_string())
+    };
+    if let Ok(v) = v {
         resp.headers_mut().insert(name, v);
     }
 }

@@ -118,7 +118,18 @@ const METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 const CORP: HeaderName = HeaderName::from_static("cross-origin-resource-policy");
 const REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
 
-pub async fn policy(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+pub async fn policy(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    policy_around(&state, req, |r| next.run(r)).await
+}
+
+/// [`policy`] around any inner service `next`: the axum layer above, and
+/// the compact HTTP/1.1 path calling the handlers directly
+/// ([`crate::direct`]).
+pub(crate) async fn policy_around<F, Fut>(state: &AppState, mut req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let method = req.method().clone();
     let allow_origin = cors_allow_origin(&state.config.cors_allowed_origins, &req);
     let started = std::time::Instant::now();
@@ -150,11 +161,11 @@ pub async fn policy(State(state): State<Arc<AppState>>, mut req: Request, next: 
         // failures are logged below with their id at any level.
         let span = tracing::debug_span!("request", request_id = request_id.as_str());
         if state.config.compression.enabled() {
-            crate::compression::apply(&state, req, next)
+            crate::compression::apply(state, req, next)
                 .instrument(span)
                 .await
         } else {
-            next.run(req).instrument(span).await
+            next(req).instrument(span).await
         }
     };
     let hs = resp.headers_mut();

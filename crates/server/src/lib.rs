@@ -16,6 +16,7 @@ mod compact_get;
 mod compact_sse;
 pub mod compression;
 pub mod config;
+mod direct;
 pub mod error;
 pub mod handlers;
 pub mod layers;
@@ -222,9 +223,11 @@ impl Server {
             .max_header_list_size(
                 u32::try_from(cfg.max_header_bytes.max(8192)).unwrap_or(u32::MAX),
             );
+        let app = self.router();
         let conns = Arc::new(Connections {
             builder,
-            app: self.router(),
+            compact: direct::App::new(app.clone(), &self.state),
+            app,
             slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
             shed_slots: Arc::new(tokio::sync::Semaphore::new(MAX_SHED_CONNECTIONS)),
             max_connections: cfg.max_connections,
@@ -354,6 +357,8 @@ impl Listener {
 struct Connections {
     builder: auto::Builder<TokioExecutor>,
     app: Router,
+    /// The same application, as the compact HTTP/1.1 path calls it.
+    compact: direct::App,
     slots: Arc<tokio::sync::Semaphore>,
     shed_slots: Arc<tokio::sync::Semaphore>,
     max_connections: usize,
@@ -384,6 +389,8 @@ impl Connections {
                 let mut stream = stream;
                 // Reused for every request head on this connection.
                 let mut head_buf = Vec::new();
+                // Reused for every compact response head on it.
+                let mut out_buf = Vec::new();
                 loop {
                     let head = compact_sse::read_head(
                         &stream,
@@ -402,8 +409,7 @@ impl Connections {
                         }
                         compact_sse::Head::Compact(req) => {
                             let started =
-                                Box::pin(compact_sse::start(&mut stream, self.app.clone(), req))
-                                    .await;
+                                Box::pin(compact_sse::start(&mut stream, &self.compact, req)).await;
                             match started {
                                 compact_sse::Started::Done => {}
                                 // The rest in a task of its own, sized for
@@ -432,9 +438,13 @@ impl Connections {
                             // Served here (the watcher held, so shutdown
                             // waits for the response); the next request
                             // decides again.
-                            let again =
-                                Box::pin(compact_get::respond(&mut stream, self.app.clone(), req))
-                                    .await;
+                            let again = Box::pin(compact_get::respond(
+                                &mut stream,
+                                &self.compact,
+                                req,
+                                &mut out_buf,
+                            ))
+                            .await;
                             if again {
                                 continue;
                             }
@@ -602,6 +612,15 @@ async fn metrics_handler(State(state): State<Arc<AppState>>) -> axum::response::
 }
 
 async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> axum::response::Response {
+    dispatch_request(state, req).await
+}
+
+/// The router's fallback: every request under the stream prefix (and any
+/// other path, answered 404 by the handlers).
+pub(crate) async fn dispatch_request(
+    state: Arc<AppState>,
+    req: Request,
+) -> axum::response::Response {
     let (parts, body) = req.into_parts();
     let op = metrics::Operation::classify(
         &state.config.path_prefix,

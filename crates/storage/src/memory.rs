@@ -25,7 +25,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use bytes::Bytes;
-use durable_streams_protocol::{parse::media_type, Offset};
+use durable_streams_protocol::{parse::same_media_type, Offset};
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -466,7 +466,7 @@ impl Engine for MemoryEngine {
             Some(spec) => {
                 let (src, point) = self.resolve_fork(spec)?;
                 if let Some(ct) = &req.content_type {
-                    if media_type(ct) != media_type(&src.content_type) {
+                    if !same_media_type(ct, &src.content_type) {
                         return Err(StorageError::ContentTypeMismatch);
                     }
                 }

@@ -4,7 +4,7 @@
 
 use crate::memory::{check_producer, ProducerCheck, ProducerState};
 use crate::{AppendRequest, CreateRequest, Expiry, ForkSpec, StorageError};
-use durable_streams_protocol::{parse::media_type, Offset};
+use durable_streams_protocol::{parse::same_media_type, Offset};
 use std::collections::HashMap;
 
 /// Writer-side state of one stream.
@@ -49,7 +49,7 @@ impl WriterState {
             return Err(StorageError::Closed { tail: Offset(tail) });
         }
         if !req.records.is_empty()
-            && media_type(req.content_type.as_deref().unwrap_or("")) != media_type(content_type)
+            && !same_media_type(req.content_type.as_deref().unwrap_or(""), content_type)
         {
             return Err(StorageError::ContentTypeMismatch);
         }
@@ -111,8 +111,8 @@ pub fn same_config(
     req: &CreateRequest,
 ) -> bool {
     let ct_matches = match &req.content_type {
-        Some(ct) => media_type(ct) == media_type(content_type),
-        None => fork.is_some() || media_type(content_type) == "application/octet-stream",
+        Some(ct) => same_media_type(ct, content_type),
+        None => fork.is_some() || same_media_type(content_type, "application/octet-stream"),
     };
     ct_matches && *requested_expiry == req.expiry && closed == req.closed && *fork == req.fork
 }

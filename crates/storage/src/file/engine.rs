@@ -13,7 +13,7 @@ use crate::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use durable_streams_protocol::json::BoundaryScanner;
-use durable_streams_protocol::{parse::media_type, Offset};
+use durable_streams_protocol::{parse::same_media_type, Offset};
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -1423,7 +1423,7 @@ impl Engine for FileEngine {
                     Err(e) => return Err(e),
                 };
                 if let Some(ct) = &req.content_type {
-                    if media_type(ct) != media_type(&src.content_type) {
+                    if !same_media_type(ct, &src.content_type) {
                         return Err(StorageError::ContentTypeMismatch);
                     }
                 }
