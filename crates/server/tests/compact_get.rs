@@ -566,3 +566,52 @@ async fn appends_it_does_not_take_reach_hyper_intact() {
     let want = format!("one;two;chnk;exp;{big}");
     assert!(got == want.as_bytes(), "stream holds {} bytes", got.len());
 }
+
+/// The compact path skips the router only where that changes nothing: the
+/// router's own routes still answer as the router does (`POST /healthz` is
+/// 405, not a stream 404), and with auth on a small append without a token
+/// is refused 401 and appends nothing, while the same append with the token
+/// lands.
+#[tokio::test]
+async fn compact_appends_keep_the_routers_routes_and_layers() {
+    let srv = ServerProc::start(&[]);
+    let mut c = Conn::open(srv.addr).await;
+    let r = c
+        .request("POST", "/healthz", "content-type: text/plain\r\n", b"x")
+        .await;
+    assert_eq!(r.status, 405);
+
+    let token = "compact-append-token-1";
+    let dir = DataDir::new("auth-append");
+    std::fs::create_dir_all(dir.arg()).unwrap();
+    let cfg = std::path::Path::new(dir.arg()).join("auth.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[auth.tokens]]\nname = \"t\"\nsha256 = \"{}\"\n\
+             grants = [{{ prefix = \"\", ops = [\"read\", \"append\", \"create\"] }}]\n",
+            durable_streams_server::auth::hash_token(token)
+        ),
+    )
+    .unwrap();
+    let srv = ServerProc::start(&["--config", cfg.to_str().unwrap()]);
+    let mut c = Conn::open(srv.addr).await;
+    let bearer = format!("authorization: Bearer {token}\r\n");
+    let ct = "content-type: application/octet-stream\r\n";
+    let r = c
+        .request("PUT", "/v1/stream/a", &format!("{bearer}{ct}"), b"")
+        .await;
+    assert_eq!(r.status, 201);
+    let r = c.request("POST", "/v1/stream/a", ct, b"nope").await;
+    assert_eq!(r.status, 401);
+    let mut c = Conn::open(srv.addr).await;
+    let r = c
+        .request("POST", "/v1/stream/a", &format!("{bearer}{ct}"), b"yes")
+        .await;
+    assert_eq!(r.status, 204);
+    let r = c
+        .request("GET", "/v1/stream/a?offset=-1", &bearer, &[])
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"yes");
+}
