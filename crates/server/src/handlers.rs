@@ -92,8 +92,13 @@ fn set(resp: &mut Response, name: &'static str, value: impl std::fmt::Display) {
     }
 }
 
+/// Parsed once, not per response (`insert("name", ..)` parses the name).
+const STREAM_NEXT_OFFSET: http::HeaderName = http::HeaderName::from_static(h::STREAM_NEXT_OFFSET);
+
 fn set_offset(resp: &mut Response, o: Offset) {
-    set(resp, h::STREAM_NEXT_OFFSET, o);
+    if let Ok(v) = HeaderValue::from_bytes(&o.encode()) {
+        resp.headers_mut().insert(STREAM_NEXT_OFFSET, v);
+    }
 }
 
 fn set_closed(resp: &mut Response, closed: bool) {
@@ -113,7 +118,8 @@ fn set_expiry(resp: &mut Response, meta: &StreamMeta) {
 
 /// Room for the headers a response gets here and in the policy layer
 /// (offsets, ETag, CORS, request id...): the map is allocated once.
-const RESPONSE_HEADERS: usize = 16;
+/// (12 is what a map sized for 9 to 12 holds: its table has 16 slots.)
+const RESPONSE_HEADERS: usize = 12;
 
 fn empty(status: StatusCode) -> Response {
     let mut resp = Response::new(Body::empty());
@@ -121,6 +127,10 @@ fn empty(status: StatusCode) -> Response {
     *resp.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
     resp
 }
+
+/// Room for a data response's headers: an answer without data's, plus
+/// cache policy, up-to-date, cursor and compression's.
+const DATA_RESPONSE_HEADERS: usize = 20;
 
 async fn create(
     state: &AppState,
@@ -547,7 +557,7 @@ pub fn chunk_response(chunk: &ReadChunk, headers: &HeaderMap) -> Response {
 pub fn data_response(chunk: &ReadChunk, status: StatusCode) -> Response {
     let mut resp = Response::new(body_of(chunk));
     *resp.status_mut() = status;
-    *resp.headers_mut() = HeaderMap::with_capacity(RESPONSE_HEADERS);
+    *resp.headers_mut() = HeaderMap::with_capacity(DATA_RESPONSE_HEADERS);
     set(&mut resp, "content-type", &chunk.meta.content_type);
     set_offset(&mut resp, chunk.next);
     if chunk.up_to_date() {
