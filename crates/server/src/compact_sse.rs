@@ -56,7 +56,7 @@ pub(crate) enum Head {
 /// to decide; gives up after `timeout` (hyper's header read timeout) or at
 /// shutdown.
 pub(crate) async fn read_head(
-    stream: &TcpStream,
+    stream: &mut TcpStream,
     peer: std::net::SocketAddr,
     timeout: std::time::Duration,
     shutdown: &CancellationToken,
@@ -69,18 +69,14 @@ pub(crate) async fn read_head(
         buf.reserve(FIRST_READ_BYTES);
     }
     loop {
-        let read = async {
-            loop {
-                stream.readable().await?;
-                if buf.len() == buf.capacity() {
-                    buf.reserve(buf.capacity());
-                }
-                match stream.try_read_buf(buf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    r => return r,
-                }
-            }
-        };
+        if buf.len() == buf.capacity() {
+            buf.reserve(buf.capacity());
+        }
+        // `AsyncRead`, not `readable` + `try_read`: tokio then takes a
+        // short read as proof the socket is drained and waits for the next
+        // request without a `recv` that fails with EAGAIN (measured: two
+        // `recvfrom` per keep-alive append before, one after).
+        let read = tokio::io::AsyncReadExt::read_buf(&mut *stream, buf);
         let n = tokio::select! {
             r = tokio::time::timeout_at(deadline, read) => match r {
                 Ok(Ok(n)) => n,

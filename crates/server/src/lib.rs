@@ -393,7 +393,7 @@ impl Connections {
                 let mut out_buf = Vec::new();
                 loop {
                     let head = compact_sse::read_head(
-                        &stream,
+                        &mut stream,
                         peer,
                         HEADER_READ_TIMEOUT,
                         &self.shutdown,
