@@ -586,6 +586,9 @@ async fn replay(ctx: &Ctx<'_>) -> Result<Metrics> {
         );
         i = end;
     }
+    // The replaying consumer is a client of its own (a connection of its
+    // own), not the producer that filled the stream.
+    let mut c = Conn::new(addr);
     let reps = ctx.scale.replay_reps;
     let win = Window::start(ctx.srv.pid, false, &ctx.tmp).await?;
     let t0 = Instant::now();

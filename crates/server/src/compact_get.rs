@@ -42,10 +42,21 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ZeroCopy;
 
-/// A response body left in a file. The response's `Content-Length` is the
-/// slice's length and its `Body` is empty.
+/// A response body left in a file: the slice, as a JSON array (`[`, the
+/// slice, `]`) when `json_array`. The response's `Content-Length` is
+/// [`FileBody::len`]; its `Body` is not sent.
 #[derive(Debug, Clone)]
-pub(crate) struct FileBody(pub(crate) FileSlice);
+pub(crate) struct FileBody {
+    pub(crate) slice: FileSlice,
+    pub(crate) json_array: bool,
+}
+
+impl FileBody {
+    /// Bytes sent.
+    pub(crate) fn len(&self) -> u64 {
+        self.slice.len() + if self.json_array { 2 } else { 0 }
+    }
+}
 
 /// Bytes per `sendfile` call: bounds how long one call holds the runtime
 /// thread when the socket buffer keeps draining.
@@ -209,7 +220,7 @@ pub(crate) async fn respond(
     encode_head(out, parts.status, &parts.headers, framing, close);
     drop(parts);
     let sent = match file {
-        Some(FileBody(slice)) => send_file(stream, out, &slice).await,
+        Some(body) => send_file(stream, out, &body).await,
         None => send_body(stream, out, body, framing).await,
     };
     // Kept for the next request only while small: an idle keep-alive
@@ -229,8 +240,20 @@ pub(crate) async fn respond(
 /// Largest response buffer a connection keeps between requests.
 const KEPT_OUT_BUF_BYTES: usize = 4096;
 
-async fn send_file(stream: &mut TcpStream, head: &[u8], slice: &FileSlice) -> io::Result<()> {
+/// `head`: the encoded head (`[` is appended to it for a JSON array).
+async fn send_file(stream: &mut TcpStream, head: &mut Vec<u8>, body: &FileBody) -> io::Result<()> {
+    if body.json_array {
+        head.push(b'[');
+    }
     stream.write_all(head).await?;
+    send_slice(stream, &body.slice).await?;
+    if body.json_array {
+        stream.write_all(b"]").await?;
+    }
+    Ok(())
+}
+
+async fn send_slice(stream: &mut TcpStream, slice: &FileSlice) -> io::Result<()> {
     let Some(fd) = slice.fd() else {
         // A file without a descriptor (the simulated file system): copy.
         let mut buf = vec![0u8; (slice.len() as usize).min(SENDFILE_MAX_BYTES)];

@@ -479,14 +479,38 @@ async fn catch_up_file(
     let mut resp = chunk_response(&read.chunk, headers);
     if let Some(slice) = read.file {
         if resp.status() == StatusCode::OK {
+            // JSON: the stored range is `message,` repeated; the body is the
+            // array `[` + the range without its last comma + `]` (as
+            // `json::stored_to_array` builds it).
+            let body = if read.chunk.meta.json {
+                let mut last = [0u8; 1];
+                let ends_with_comma = !slice.is_empty()
+                    && slice.read_at(&mut last, slice.len() - 1).ok() == Some(1)
+                    && last[0] == b',';
+                if !ends_with_comma {
+                    // Not a message-aligned range: cannot happen for ranges
+                    // the engine cuts; answer from the copying path.
+                    return catch_up(state, path, offset, headers).await;
+                }
+                crate::compact_get::FileBody {
+                    slice: slice.truncated(slice.len() - 1),
+                    json_array: true,
+                }
+            } else {
+                crate::compact_get::FileBody {
+                    slice,
+                    json_array: false,
+                }
+            };
             state
                 .metrics
                 .sent_zero_copy_bytes
-                .fetch_add(slice.len(), std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(body.slice.len(), std::sync::atomic::Ordering::Relaxed);
             resp.headers_mut()
-                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(slice.len()));
-            resp.extensions_mut()
-                .insert(crate::compact_get::FileBody(slice));
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            state.metrics.sent(ReadKind::CatchUp, body.len());
+            resp.extensions_mut().insert(body);
+            return Ok(resp);
         }
     }
     count_sent(state, ReadKind::CatchUp, &resp, &read.chunk);

@@ -57,7 +57,9 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// files may leave the bytes there and return the file range instead
     /// (a server then sends them with `sendfile`, without copying). It may
     /// also return fewer bytes than `read` would (a range ends where a file
-    /// does). Engines without files, and JSON streams, return `read`'s data.
+    /// does). For a JSON stream the range is cut at the same message
+    /// boundary as `read`'s and holds the stored `message,` bytes. Engines
+    /// without files return `read`'s data.
     async fn read_file(
         &self,
         path: &str,

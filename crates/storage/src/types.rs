@@ -148,6 +148,14 @@ impl FileSlice {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// The first `len` bytes of this slice (all of it if `len` is larger).
+    pub fn truncated(&self, len: u64) -> FileSlice {
+        FileSlice {
+            file: self.file.clone(),
+            position: self.position,
+            len: len.min(self.len),
+        }
+    }
     /// Reads `buf.len()` bytes of the slice starting `at` bytes into it (a
     /// positional read; for tests and fallbacks).
     pub fn read_at(&self, buf: &mut [u8], at: u64) -> std::io::Result<usize> {

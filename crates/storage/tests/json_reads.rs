@@ -1,6 +1,7 @@
 //! JSON-mode reads cut at message boundaries for every chunk size, in both
 //! engines, with and without the file engine's sparse boundary index (which
-//! is empty after a restart): chunks are whole messages, in order, none lost.
+//! is empty after a restart): chunks are whole messages, in order, none lost;
+//! `read_file` (bytes left in the data file) cuts them identically.
 
 use bytes::Bytes;
 use durable_streams_protocol::json::{frame_messages, split_messages, stored_to_array};
@@ -73,6 +74,30 @@ async fn check(e: &dyn Engine, msgs: &[String]) {
         loop {
             let c = e.read("j", from, max).await.unwrap();
             let stored: Vec<u8> = c.data.iter().flat_map(|d| d.iter().copied()).collect();
+            // The same read left in the file (file engine: a slice of the
+            // data file) cuts at the same boundary with the same bytes.
+            let f = e.read_file("j", from, max).await.unwrap();
+            assert_eq!(f.chunk.next, c.next, "max {max}: read_file cut elsewhere");
+            let in_file = match &f.file {
+                Some(slice) => {
+                    assert!(f.chunk.data.is_empty(), "file slice and data both set");
+                    let mut buf = vec![0u8; slice.len() as usize];
+                    let mut done = 0;
+                    while done < buf.len() {
+                        let n = slice.read_at(&mut buf[done..], done as u64).unwrap();
+                        assert!(n > 0, "file slice shorter than its length");
+                        done += n;
+                    }
+                    buf
+                }
+                None => f
+                    .chunk
+                    .data
+                    .iter()
+                    .flat_map(|d| d.iter().copied())
+                    .collect(),
+            };
+            assert_eq!(in_file, stored, "max {max}: read_file bytes differ");
             let arr: Vec<serde_json::Value> = serde_json::from_slice(&stored_to_array(&stored))
                 .unwrap_or_else(|err| panic!("max {max}: chunk is not a JSON array: {err}"));
             assert!(

@@ -728,6 +728,40 @@ impl Inner {
 
     /// For JSON streams: the end of the `n`-th message after `from`, reading
     /// no further than `tail`. `None` when fewer messages exist.
+    /// The last JSON message boundary in `(start, end]`, scanning only from
+    /// the nearest sparse-index mark at or before `end` (at most
+    /// `JSON_MARK_SPACING` bytes, plus one message). `None` when the range
+    /// holds no boundary (its first message is longer than the range).
+    fn json_cut(
+        &self,
+        s: &Arc<FStream>,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<u64>, StorageError> {
+        let hint = {
+            let st = s.state.lock();
+            let i = st.json_marks.partition_point(|m| *m <= end);
+            i.checked_sub(1).map(|i| st.json_marks[i])
+        };
+        let from = hint.filter(|h| *h > start && *h <= end).unwrap_or(start);
+        let mut last = (from > start).then_some(from);
+        if from < end {
+            let mut parts = Vec::new();
+            self.read_range(s, from, end, &mut parts)?;
+            let mut sc = BoundaryScanner::default();
+            let mut base = from;
+            for p in parts {
+                let b = base;
+                sc.feed(&p, |i| {
+                    last = Some(b + i as u64);
+                    true
+                });
+                base += p.len() as u64;
+            }
+        }
+        Ok(last)
+    }
+
     fn json_advance(
         &self,
         s: &Arc<FStream>,
@@ -1769,22 +1803,32 @@ impl Engine for FileEngine {
         max_bytes: usize,
     ) -> Result<FileRead, StorageError> {
         let s = self.inner.live(path).await?;
-        // JSON reads are cut at message boundaries (and framed by the
-        // server), and bytes below a fork's base live in its source's file:
-        // those take the copying path.
-        let own_file = !s.json
-            && match from {
-                ReadFrom::Start => s.base == 0,
-                ReadFrom::Tail => true,
-                ReadFrom::At(o) => o.0 >= s.base,
-            };
+        // Bytes below a fork's base live in its source's file: those take
+        // the copying path.
+        let own_file = match from {
+            ReadFrom::Start => s.base == 0,
+            ReadFrom::Tail => true,
+            ReadFrom::At(o) => o.0 >= s.base,
+        };
         if !own_file {
             let chunk = self.read(path, from, max_bytes).await?;
             return Ok(FileRead { chunk, file: None });
         }
         let (mut meta, start) = self.inner.begin_read(&s, from)?;
         let tail = meta.tail.0;
-        let next = tail.min(start.saturating_add(max_bytes.max(1) as u64));
+        let mut next = tail.min(start.saturating_add(max_bytes.max(1) as u64));
+        if s.json && next < tail {
+            // Cut at the last message boundary within the budget, as `read`
+            // does; a first message larger than the budget (no boundary in
+            // range) takes the copying path, which returns it whole.
+            match self.inner.json_cut(&s, start, next)? {
+                Some(cut) => next = cut,
+                None => {
+                    let chunk = self.read(path, from, max_bytes).await?;
+                    return Ok(FileRead { chunk, file: None });
+                }
+            }
+        }
         let file = if next > start {
             // Bytes below the published tail were written before the WAL
             // sync that published them and are never rewritten, so the
