@@ -6,9 +6,9 @@
 //! a cleartext connection is read into a small buffer first. A complete
 //! `GET ...?live=sse` HTTP/1.1 request without a body is handed to the same
 //! application as any other request ([`crate::direct::App`]: auth, rate
-//! limits, CORS, request ids and metrics apply unchanged); its response head is written here, then
-//! the body frames go straight to the socket as chunks, and the connection
-//! closes when the body ends. While idle such a connection holds only the
+//! limits, CORS, request ids and metrics apply unchanged); its response
+//! head is written here, then the body frames go straight to the socket as
+//! chunks, and the connection closes when the body ends. While idle such a connection holds only the
 //! socket, the response body and this task's small state.
 //!
 //! Anything else (h2c, other methods, other queries, a head that is not

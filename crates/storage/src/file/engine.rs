@@ -187,6 +187,14 @@ impl FStream {
             expires_at_ms: expires_at_ms(&st.expiry, st.last_access_ms),
         }
     }
+    /// The last sparse-index JSON boundary at or before `end`: where a
+    /// boundary scan up to `end` can start.
+    fn json_mark_at_or_before(&self, end: u64) -> Option<u64> {
+        let st = self.state.lock();
+        let i = st.json_marks.partition_point(|m| *m <= end);
+        i.checked_sub(1).map(|i| st.json_marks[i])
+    }
+
     fn publish(&self, st: &PState) {
         self.signal.send_replace(Signal {
             tail: Offset(st.durable_tail),
@@ -738,11 +746,7 @@ impl Inner {
         start: u64,
         end: u64,
     ) -> Result<Option<u64>, StorageError> {
-        let hint = {
-            let st = s.state.lock();
-            let i = st.json_marks.partition_point(|m| *m <= end);
-            i.checked_sub(1).map(|i| st.json_marks[i])
-        };
+        let hint = s.json_mark_at_or_before(end);
         let from = hint.filter(|h| *h > start && *h <= end).unwrap_or(start);
         let mut last = (from > start).then_some(from);
         if from < end {
@@ -1698,10 +1702,7 @@ impl Engine for FileEngine {
         let tail = meta.tail.0;
         let max = max_bytes.max(1) as u64;
         let hint = if s.json {
-            let end = tail.min(start.saturating_add(max));
-            let st = s.state.lock();
-            let i = st.json_marks.partition_point(|m| *m <= end);
-            i.checked_sub(1).map(|i| st.json_marks[i])
+            s.json_mark_at_or_before(tail.min(start.saturating_add(max)))
         } else {
             None
         };
