@@ -206,6 +206,27 @@ async fn zero_copy_bytes(addr: SocketAddr) -> u64 {
         .unwrap()
 }
 
+/// Waits until the file engine wrote every held byte to its data file
+/// (write-behind: recent bytes are served from memory, not by `sendfile`).
+/// The memory engine has no such gauge.
+async fn wait_written(addr: SocketAddr) {
+    for _ in 0..2000 {
+        let mut c = Conn::open(addr).await;
+        let r = c.request("GET", "/metrics", "", &[]).await;
+        let text = String::from_utf8(r.body).unwrap();
+        match text
+            .lines()
+            .find_map(|l| l.strip_prefix("ds_unflushed_bytes "))
+        {
+            Some(v) if v.trim() != "0" => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await
+            }
+            _ => return,
+        }
+    }
+    panic!("held bytes never reached the data files");
+}
+
 /// Reads `path` from -1 to the tail on one connection; returns the bytes
 /// and how many responses it took.
 async fn read_all(conn: &mut Conn, path: &str, extra: &str) -> (Vec<u8>, usize, Raw) {
@@ -238,6 +259,7 @@ async fn keep_alive_catch_up_is_byte_exact_on_both_engines() {
         let data = pattern(3 * 1024 * 1024 + 12_345);
         let mut w = Conn::open(srv.addr).await;
         create_with(&mut w, "/v1/stream/big", &data).await;
+        wait_written(srv.addr).await;
 
         let zero_copy_before = zero_copy_bytes(srv.addr).await;
         let mut c = Conn::open(srv.addr).await;
@@ -659,6 +681,7 @@ async fn json_catch_up_by_sendfile_is_exact() {
         assert_eq!(r.status, 204, "append batch {batch}");
         want.extend(msgs);
     }
+    wait_written(srv.addr).await;
     let before = zero_copy_bytes(srv.addr).await;
     let mut c = Conn::open(srv.addr).await;
     let mut off = "-1".to_string();

@@ -166,6 +166,9 @@ impl File {
     fn open(vfs: Arc<file::sim::SimVfs>) -> Self {
         let opts = FileOptions {
             max_open_files: 3,
+            // Streams pass a few bytes from memory to their files now and
+            // then, so reads meet both and the boundary between them.
+            data_flush_stream_bytes: 16,
             ..FileOptions::default()
         };
         let engine =

@@ -3,7 +3,7 @@
 //! properties: group commit, open-file bound, 100,000 streams, disk space).
 
 use bytes::Bytes;
-use durable_streams_protocol::parse::ProducerHeaders;
+use durable_streams_protocol::{parse::ProducerHeaders, Offset};
 use durable_streams_storage::file::sim::{Faults, SimVfs};
 use durable_streams_storage::*;
 use std::collections::HashMap;
@@ -370,34 +370,157 @@ fn failed_fsync_is_fail_stop() {
     e.close();
 }
 
-/// A full disk answers StorageFull (507), corrupts nothing, and after a
-/// restart with space the acknowledged data is intact.
+/// A full disk: appends are refused with StorageFull (507) once space runs
+/// out (found by the WAL's preallocation, or by the write-behind of a data
+/// file, which stops the store), every acknowledged append stays readable,
+/// and after a restart with space exactly the acknowledged appends are
+/// there: a refused append never reappears.
 #[test]
 fn full_disk_is_refused_cleanly() {
     let rt = rt();
     let vfs = Arc::new(SimVfs::new());
     let e = open(vfs.clone());
-    rt.block_on(async {
+    let acked = rt.block_on(async {
         e.create("s", create_req()).await.unwrap();
         e.append("s", append_req("ok:0000;".into(), None, false))
             .await
             .unwrap();
+        let mut acked = String::from("ok:0000;");
         vfs.set_faults(Faults {
             fail_sync_at: None,
             disk_bytes: Some(vfs.used_bytes() + 10),
         });
-        let big = "x".repeat(100);
+        let mut refused = None;
+        for i in 1..=400 {
+            let body = format!("ok:{i:04}{};", "x".repeat(100));
+            match e.append("s", append_req(body.clone(), None, false)).await {
+                Ok(_) => acked.push_str(&body),
+                Err(err) => {
+                    refused = Some(err);
+                    break;
+                }
+            }
+            // Lets the write-behind run (every 100 ms by default).
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(refused, Some(StorageError::StorageFull));
         assert_eq!(
-            e.append("s", append_req(big, None, false)).await.err(),
-            Some(StorageError::StorageFull)
+            e.append("s", append_req("late;".into(), None, false))
+                .await
+                .err(),
+            Some(StorageError::StorageFull),
+            "the store refuses writes once the disk was found full"
         );
-        assert_eq!(read_all(&e, "s").await.unwrap().0, "ok:0000;");
+        assert_eq!(read_all(&e, "s").await.unwrap().0, acked);
+        acked
     });
     let disk = Arc::new(vfs.crash(|_, _| 0));
     e.close();
     let e = open(disk);
     rt.block_on(async {
-        assert_eq!(read_all(&e, "s").await.unwrap().0, "ok:0000;");
+        assert_eq!(read_all(&e, "s").await.unwrap().0, acked);
+    });
+    e.close();
+}
+
+/// Write-behind: a stream's newest durable bytes are served from memory,
+/// reads across the file/memory boundary are exact, `read_file` leaves only
+/// flushed bytes in a file slice, a power cut before the flush loses
+/// nothing, and a deleted stream's held bytes never reach the disk.
+#[test]
+fn held_bytes_are_served_from_memory_and_survive_a_power_cut() {
+    let rt = rt();
+    let vfs = Arc::new(SimVfs::new());
+    let open_held = |vfs: Arc<SimVfs>| {
+        FileEngine::open_with(
+            "/db",
+            FileOptions {
+                data_flush_interval: std::time::Duration::from_secs(3600),
+                data_flush_stream_bytes: 1000,
+                max_unflushed_bytes: u64::MAX,
+                ..FileOptions::default()
+            },
+            vfs,
+            Arc::new(SystemClock),
+        )
+        .expect("recovery")
+    };
+    let data_files = |vfs: &SimVfs| {
+        vfs.files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "dat"))
+            .count()
+    };
+    let unflushed = |e: &FileEngine| {
+        e.metrics()
+            .into_iter()
+            .find(|(n, _, _)| *n == "ds_unflushed_bytes")
+            .map(|(_, _, v)| v)
+            .expect("ds_unflushed_bytes")
+    };
+    let e = open_held(vfs.clone());
+    let content: String = (0..1300).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    rt.block_on(async {
+        e.create("s", create_req()).await.unwrap();
+        e.append("s", append_req(content[..600].into(), None, false))
+            .await
+            .unwrap();
+        assert_eq!(unflushed(&e), 600);
+        assert_eq!(data_files(&vfs), 0, "600 bytes are held, no file yet");
+        assert_eq!(read_all(&e, "s").await.unwrap().0, content[..600]);
+        let fr = e.read_file("s", ReadFrom::Start, 1 << 20).await.unwrap();
+        assert!(fr.file.is_none(), "held bytes are copied, not sent from a file");
+        assert_eq!(fr.chunk.data.concat(), content[..600].as_bytes());
+
+        // 1200 held bytes pass the per-stream threshold: written out after
+        // the batch (the append may return first).
+        e.append("s", append_req(content[600..1200].into(), None, false))
+            .await
+            .unwrap();
+        for _ in 0..1000 {
+            if unflushed(&e) == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert_eq!(unflushed(&e), 0);
+        assert_eq!(data_files(&vfs), 1);
+        e.append("s", append_req(content[1200..].into(), None, false))
+            .await
+            .unwrap();
+        assert_eq!(unflushed(&e), 100);
+        // A read across the boundary: 1000..1200 from the file, the rest
+        // from memory.
+        let c = e.read("s", ReadFrom::At(Offset(1000)), 300).await.unwrap();
+        assert_eq!(c.data.concat(), content[1000..1300].as_bytes());
+        assert_eq!(c.next, Offset(1300));
+        let fr = e.read_file("s", ReadFrom::Start, 1200).await.unwrap();
+        let slice = fr.file.expect("flushed bytes are left in the file");
+        assert_eq!((slice.len(), fr.chunk.next), (1200, Offset(1200)));
+        let fr = e.read_file("s", ReadFrom::Start, 1300).await.unwrap();
+        assert!(fr.file.is_none(), "a range reaching held bytes is copied");
+        assert_eq!(fr.chunk.data.concat(), content.as_bytes());
+
+        // A stream deleted while it holds bytes never gets a data file.
+        e.create("t", create_req()).await.unwrap();
+        e.append("t", append_req("gone".into(), None, false))
+            .await
+            .unwrap();
+        e.delete("t").await.unwrap();
+        e.checkpoint().await.unwrap();
+        assert_eq!(unflushed(&e), 0);
+        assert_eq!(data_files(&vfs), 1, "only s has a data file");
+        e.append("s", append_req("tail".into(), None, false))
+            .await
+            .unwrap();
+    });
+    // Power cut: the last append was never written to its data file.
+    let disk = Arc::new(vfs.crash(|_, _| 0));
+    e.close();
+    let e = open_held(disk);
+    rt.block_on(async {
+        assert_eq!(read_all(&e, "s").await.unwrap().0, format!("{content}tail"));
+        assert_eq!(read_all(&e, "t").await.err(), Some(StorageError::NotFound));
     });
     e.close();
 }

@@ -11,11 +11,16 @@ use std::sync::Arc;
 
 const CT: &str = "text/plain";
 
+/// Held bytes are written to data files only by checkpoints here, so what
+/// is on disk never changes between two looks.
 fn open(vfs: Arc<SimVfs>) -> FileEngine {
     FileEngine::open_with(
         "/db",
         FileOptions {
             max_open_files: 4,
+            data_flush_interval: std::time::Duration::from_secs(3600),
+            data_flush_stream_bytes: u64::MAX,
+            max_unflushed_bytes: u64::MAX,
             ..FileOptions::default()
         },
         vfs,
@@ -84,9 +89,15 @@ async fn disk_bytes_match_the_files_on_disk() {
     e.append("c", append_req(5000)).await.unwrap();
     assert_eq!(metric(&e, "ds_disk_bytes"), vfs.used_bytes(), "written");
 
-    // The Delete record fits in the WAL's preallocated zeros, so the freed
-    // data file shows at once (right after a checkpoint the fresh segment
-    // would first grow by a preallocation step).
+    assert_eq!(metric(&e, "ds_unflushed_bytes"), 2 * 20 * 1000 + 2 * 190 + 5000);
+    // A checkpoint writes the held bytes to the data files.
+    e.checkpoint().await.unwrap();
+    assert_eq!(metric(&e, "ds_unflushed_bytes"), 0);
+    assert_eq!(metric(&e, "ds_disk_bytes"), vfs.used_bytes(), "flushed");
+    // The first record after a checkpoint grows the fresh WAL segment by a
+    // preallocation step; the Delete record then fits in its zeros, so the
+    // freed data file shows at once.
+    e.append("a", append_req(10)).await.unwrap();
     let before = metric(&e, "ds_disk_bytes");
     e.delete("b").await.unwrap();
     let after = metric(&e, "ds_disk_bytes");

@@ -41,6 +41,15 @@ pub struct FileOptions {
     pub max_pending_bytes: u64,
     /// The WAL is zero-filled this far ahead of its records (0 disables).
     pub wal_prealloc_bytes: u64,
+    /// Write-behind of the data files (docs/storage.md): a stream's durable
+    /// bytes stay in memory (and are read from there) for up to this long
+    /// before they are written to its data file; zero writes them after
+    /// every sync.
+    pub data_flush_interval: Duration,
+    /// ...or until the stream has this many unflushed bytes...
+    pub data_flush_stream_bytes: u64,
+    /// ...or until all streams together have this many.
+    pub max_unflushed_bytes: u64,
 }
 
 impl Default for FileOptions {
@@ -53,6 +62,9 @@ impl Default for FileOptions {
             touch_flush_interval: Duration::from_secs(1),
             max_pending_bytes: 1024 * 1024 * 1024,
             wal_prealloc_bytes: 4 * 1024 * 1024,
+            data_flush_interval: Duration::from_millis(100),
+            data_flush_stream_bytes: 64 * 1024,
+            max_unflushed_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -80,6 +92,10 @@ pub struct FileStats {
     pub wal_file_bytes: AtomicU64,
     /// Size of the checkpoint file.
     pub checkpoint_file_bytes: AtomicU64,
+    /// Durable bytes held in memory, not yet written to their data files.
+    pub unflushed_bytes: AtomicU64,
+    /// Writes of held bytes to data files (one per stream per flush).
+    pub data_flushes: AtomicU64,
 }
 
 impl Default for FileStats {
@@ -94,6 +110,8 @@ impl Default for FileStats {
             data_file_bytes: AtomicU64::new(0),
             wal_file_bytes: AtomicU64::new(0),
             checkpoint_file_bytes: AtomicU64::new(0),
+            unflushed_bytes: AtomicU64::new(0),
+            data_flushes: AtomicU64::new(0),
         }
     }
 }
@@ -140,7 +158,22 @@ struct FStream {
     requested_expiry: Expiry,
     fork: Option<ForkSpec>,
     state: Mutex<PState>,
+    /// The stream's durable bytes not yet in its data file (write-behind).
+    mem: Mutex<MemTail>,
     signal: watch::Sender<Signal>,
+}
+
+/// Invariant: stream offsets `base..start` are in the data file (page cache
+/// at least), `start..start + buf.len()` are in `buf`, and the published
+/// (durable) tail never exceeds `start + buf.len()`. Only the committer
+/// changes it: it appends a batch's bytes after the WAL sync and before
+/// publishing the new tail, and a flush writes the file before advancing
+/// `start`, so a reader that saw `start` finds every byte below it in the
+/// file.
+#[derive(Debug, Default)]
+struct MemTail {
+    start: u64,
+    buf: Vec<u8>,
 }
 
 /// Per-stream state. The first group is the *pending* state requests are
@@ -453,6 +486,11 @@ impl FileEngine {
                     wal,
                     dirty: HashSet::new(),
                     runtime,
+                    held: HashMap::new(),
+                    held_order: std::collections::VecDeque::new(),
+                    held_bytes: 0,
+                    flush_now: Vec::new(),
+                    flush_buf: Vec::new(),
                 }
                 .run(rx)
             })
@@ -537,6 +575,10 @@ impl Inner {
                 requested_expiry: s.requested_expiry.clone(),
                 fork: s.fork.clone(),
                 state: Mutex::new(st),
+                mem: Mutex::new(MemTail {
+                    start: s.tail,
+                    buf: Vec::new(),
+                }),
                 signal,
             });
             if let Some(p) = &s.path {
@@ -726,10 +768,30 @@ impl Inner {
             from = upto;
         }
         if from < end {
-            let f = self.files.get(s.id, false).map_err(io_err)?;
-            let mut buf = vec![0u8; (end - from) as usize];
-            read_exact_at(f.as_ref(), &mut buf, from - s.base).map_err(io_err)?;
-            out.push(Bytes::from(buf));
+            // Bytes from the memory tail's start on are copied from memory,
+            // those below it are in the file (see `MemTail`).
+            let (file_end, held) = {
+                let m = s.mem.lock();
+                let held = if end > m.start {
+                    let lo = (from.max(m.start) - m.start) as usize;
+                    let hi = (end - m.start) as usize;
+                    let bytes = m
+                        .buf
+                        .get(lo..hi)
+                        .ok_or_else(|| StorageError::Io("read past a stream's held bytes".into()))?;
+                    Some(Bytes::copy_from_slice(bytes))
+                } else {
+                    None
+                };
+                (end.min(m.start), held)
+            };
+            if from < file_end {
+                let f = self.files.get(s.id, false).map_err(io_err)?;
+                let mut buf = vec![0u8; (file_end - from) as usize];
+                read_exact_at(f.as_ref(), &mut buf, from - s.base).map_err(io_err)?;
+                out.push(Bytes::from(buf));
+            }
+            out.extend(held);
         }
         Ok(())
     }
@@ -814,6 +876,18 @@ struct Committer {
     /// The runtime the engine was opened in: a committed batch's signals
     /// and acknowledgements are sent from one task there (see `announce`).
     runtime: Option<tokio::runtime::Handle>,
+    /// Streams holding durable bytes not yet written to their data files,
+    /// with when they started holding them.
+    held: HashMap<u64, (Arc<FStream>, Instant)>,
+    /// `held` entries in the order they started (stale entries, whose
+    /// stream was flushed since, are skipped).
+    held_order: std::collections::VecDeque<(u64, Instant)>,
+    held_bytes: u64,
+    /// Streams that reached `data_flush_stream_bytes` in the last batch.
+    flush_now: Vec<u64>,
+    /// Reused buffer a stream's held bytes are copied to for writing, so
+    /// readers are not blocked during the write.
+    flush_buf: Vec<u8>,
 }
 
 impl Committer {
@@ -828,7 +902,12 @@ impl Committer {
             .min(Duration::from_secs(1));
         loop {
             let mut batch = Vec::new();
-            match rx.recv_timeout(tick) {
+            let wait = if self.held.is_empty() {
+                tick
+            } else {
+                tick.min(self.inner.opts.data_flush_interval)
+            };
+            match rx.recv_timeout(wait) {
                 Ok(j) => batch.push(j),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -872,6 +951,11 @@ impl Committer {
             }
             if !writes.is_empty() {
                 wal_since_checkpoint += self.commit(writes);
+            }
+            if !self.inner.poisoned_flag.load(Ordering::Acquire) {
+                if let Err(e) = self.flush_due() {
+                    self.poison(io_err(e));
+                }
             }
             let result = self.inner.poisoned.lock().clone().map_or(Ok(()), Err);
             for b in barriers {
@@ -1032,19 +1116,30 @@ impl Committer {
             return fail(self, e, true);
         }
         let mut removals = Vec::new();
+        let mut held = Vec::new();
         for j in jobs {
-            let Job::Write { record, .. } = j else {
+            let Job::Write { record, stream, .. } = j else {
                 continue;
             };
             let mut effects = Vec::new();
             self.catalog.apply(record, &mut effects);
-            let (writes, removes): (Vec<Effect>, Vec<Effect>) = effects
-                .into_iter()
-                .partition(|e| matches!(e, Effect::Write { .. }));
-            removals.extend(removes);
+            let mut direct = Vec::new();
+            for e in effects {
+                match (&e, stream) {
+                    (Effect::RemoveData { .. }, _) => removals.push(e),
+                    // A record's own stream holds its bytes in memory once
+                    // the batch is durable (write-behind).
+                    (Effect::Write { id, .. }, Some(s)) if *id == s.id => {
+                        held.push((s.clone(), e))
+                    }
+                    // Any other write (none today) goes to its file before
+                    // the sync, as a full disk must be found before then.
+                    (Effect::Write { .. }, _) => direct.push(e),
+                }
+            }
             if let Err(e) = write_effects(
                 &self.inner.files,
-                &writes,
+                &direct,
                 &mut self.dirty,
                 &self.inner.stats,
             ) {
@@ -1070,6 +1165,20 @@ impl Committer {
         stats
             .wal_file_bytes
             .store(self.wal.len.max(self.wal.zeroed_to), Ordering::Relaxed);
+        for (s, e) in held {
+            self.hold(s, e);
+        }
+        let stats = &self.inner.stats;
+        for e in &removals {
+            if let Effect::RemoveData { id } = e {
+                // A removed stream's held bytes are never written.
+                if let Some((s, _)) = self.held.remove(id) {
+                    let n = std::mem::take(&mut s.mem.lock().buf).len() as u64;
+                    self.held_bytes -= n;
+                }
+            }
+        }
+        stats.unflushed_bytes.store(self.held_bytes, Ordering::Relaxed);
         if let Err(e) = write_effects(
             &self.inner.files,
             &removals,
@@ -1079,6 +1188,152 @@ impl Committer {
             // The batch is durable; a leftover file is removed by recovery.
             tracing::warn!(error = %e, "cannot remove a data file");
         }
+        Ok(())
+    }
+
+    /// Appends a durable write's bytes to its stream's memory tail (before
+    /// the new tail is published).
+    fn hold(&mut self, s: Arc<FStream>, e: Effect) {
+        let Effect::Write { start, data, .. } = e else {
+            return;
+        };
+        let len: u64 = data.iter().map(|d| d.len() as u64).sum();
+        let mut m = s.mem.lock();
+        if start != m.start + m.buf.len() as u64 {
+            // Not contiguous with what is held: cannot happen (a stream's
+            // records are applied in tail order). Written through instead,
+            // so nothing is lost.
+            drop(m);
+            tracing::error!(stream = s.id, start, "write not contiguous with held bytes");
+            let r = self.flush_stream(s.id).and_then(|_| {
+                write_effects(
+                    &self.inner.files,
+                    &[Effect::Write {
+                        id: s.id,
+                        base: s.base,
+                        start,
+                        data,
+                    }],
+                    &mut self.dirty,
+                    &self.inner.stats,
+                )
+            });
+            let mut m = s.mem.lock();
+            if m.buf.is_empty() {
+                m.start = start + len;
+            }
+            drop(m);
+            if let Err(e) = r {
+                self.poison(io_err(e));
+            }
+            return;
+        }
+        for d in &data {
+            m.buf.extend_from_slice(d);
+        }
+        if m.buf.len() as u64 >= self.inner.opts.data_flush_stream_bytes {
+            self.flush_now.push(s.id);
+        }
+        drop(m);
+        self.held_bytes += len;
+        if let std::collections::hash_map::Entry::Vacant(v) = self.held.entry(s.id) {
+            let now = Instant::now();
+            self.held_order.push_back((s.id, now));
+            v.insert((s, now));
+        }
+    }
+
+    /// Writes a stream's held bytes to its data file, then releases them.
+    fn flush_stream(&mut self, id: u64) -> io::Result<()> {
+        let Some((s, since)) = self.held.remove(&id) else {
+            return Ok(());
+        };
+        let mut out = std::mem::take(&mut self.flush_buf);
+        out.clear();
+        let at = {
+            let m = s.mem.lock();
+            out.extend_from_slice(&m.buf);
+            m.start
+        };
+        let r = if out.is_empty() {
+            Ok(())
+        } else {
+            self.inner
+                .files
+                .get(id, true)
+                .and_then(|f| f.write_all_at(&out, at - s.base))
+        };
+        if let Err(e) = r {
+            // Still held (and readable); the caller poisons the store.
+            self.held.insert(id, (s, since));
+            self.flush_buf = out;
+            return Err(e);
+        }
+        let n = out.len();
+        {
+            // Only this thread adds to `buf`, so it still starts with `out`.
+            let mut m = s.mem.lock();
+            m.buf.drain(..n);
+            m.start += n as u64;
+            if m.buf.is_empty() && m.buf.capacity() > 16 * 1024 {
+                // Idle streams keep no large buffers.
+                m.buf = Vec::new();
+            }
+        }
+        // Kept for the next flush unless a burst made it large.
+        let keep = self
+            .inner
+            .opts
+            .data_flush_stream_bytes
+            .saturating_mul(4)
+            .min(4 << 20);
+        if out.capacity() as u64 <= keep {
+            self.flush_buf = out;
+        }
+        let stats = &self.inner.stats;
+        self.held_bytes -= n as u64;
+        stats.unflushed_bytes.store(self.held_bytes, Ordering::Relaxed);
+        stats
+            .data_file_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        stats.data_flushes.fetch_add(1, Ordering::Relaxed);
+        self.dirty.insert(id);
+        Ok(())
+    }
+
+    /// Flushes what is due: streams holding `data_flush_stream_bytes`
+    /// (listed in `flush_now` by `hold`),
+    /// streams that started holding `data_flush_interval` ago, and
+    /// everything once `max_unflushed_bytes` are held.
+    fn flush_due(&mut self) -> io::Result<()> {
+        let opts = &self.inner.opts;
+        let (interval, max) = (opts.data_flush_interval, opts.max_unflushed_bytes);
+        if self.held_bytes > max {
+            return self.flush_all();
+        }
+        for id in std::mem::take(&mut self.flush_now) {
+            self.flush_stream(id)?;
+        }
+        let now = Instant::now();
+        while let Some(&(id, since)) = self.held_order.front() {
+            if now.duration_since(since) < interval {
+                break;
+            }
+            self.held_order.pop_front();
+            if self.held.get(&id).is_some_and(|(_, t)| *t == since) {
+                self.flush_stream(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_all(&mut self) -> io::Result<()> {
+        let ids: Vec<u64> = self.held.keys().copied().collect();
+        for id in ids {
+            self.flush_stream(id)?;
+        }
+        self.held_order.clear();
+        self.flush_now.clear();
         Ok(())
     }
 
@@ -1107,6 +1362,9 @@ impl Committer {
     /// Syncs data files, rotates the WAL, writes the catalog, and drops the
     /// segments it covers. Order matters: see docs/storage.md.
     fn checkpoint(&mut self) -> io::Result<()> {
+        // The checkpoint stops covering WAL records: their bytes must be in
+        // the data files first.
+        self.flush_all()?;
         let vfs = self.inner.vfs.clone();
         let dir = self.inner.dir.clone();
         let dirty: Vec<u64> = self.dirty.drain().collect();
@@ -1523,6 +1781,10 @@ impl Engine for FileEngine {
                     Vec::new()
                 },
             }),
+            mem: Mutex::new(MemTail {
+                start: base,
+                buf: Vec::new(),
+            }),
             signal,
         });
         let record = Record::Create(CreateRec {
@@ -1830,10 +2092,16 @@ impl Engine for FileEngine {
                 }
             }
         }
+        if next > s.mem.lock().start {
+            // The end of the range is still held in memory (write-behind):
+            // the copying path serves it (the same chunk `read` returns, so
+            // a reader sees one answer whichever path it takes).
+            let chunk = self.read(path, from, max_bytes).await?;
+            return Ok(FileRead { chunk, file: None });
+        }
         let file = if next > start {
-            // Bytes below the published tail were written before the WAL
-            // sync that published them and are never rewritten, so the
-            // range is stable. Opening may touch the disk (LRU miss), like
+            // Bytes below the memory tail's start are in the file and never
+            // rewritten, so the range is stable. Opening may touch the disk (LRU miss), like
             // the small inline reads of `read`.
             let f = self.inner.files.get(s.id, false).map_err(io_err)?;
             Some(FileSlice {
@@ -1934,6 +2202,16 @@ impl Engine for FileEngine {
                 "ds_store_failed",
                 "1 once a write or sync failed (store refuses writes)",
                 self.inner.poisoned_flag.load(Ordering::Acquire) as u64,
+            ),
+            (
+                "ds_unflushed_bytes",
+                "Durable bytes held in memory, not yet written to data files (write-behind)",
+                st.unflushed_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "ds_data_flushes_total",
+                "Writes of held bytes to data files (one per stream per flush)",
+                st.data_flushes.load(Ordering::Relaxed),
             ),
             (
                 "ds_disk_bytes",
