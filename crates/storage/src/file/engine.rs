@@ -912,6 +912,22 @@ impl Committer {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            if !batch.is_empty() {
+                // Let the threads producing appends run before the batch is
+                // sealed. A finished fsync wakes this thread at once, often
+                // while the runtime has more appends ready to submit; where
+                // they share a core, sealing now makes small batches and
+                // one fsync (and one round of wake-ups) per few appends.
+                // Measured with the server pinned to one core (5 rotated
+                // rounds, medians): 16 connections, fsyncs per append 0.21
+                // -> 0.07, appends/s +23%, CPU per append -26%; one
+                // sequential producer per connection +18%; 256 connections
+                // on one stream 0.035 -> 0.006 fsyncs per append, +4%.
+                // Latencies did not rise (p50 and p99 within noise, mostly
+                // lower). Where nothing else wants the core it returns at
+                // once.
+                std::thread::yield_now();
+            }
             let mut bytes = 0usize;
             while bytes < self.inner.opts.max_batch_bytes {
                 match rx.try_recv() {
