@@ -201,6 +201,21 @@ struct PState {
     json_marks: Vec<u64>,
 }
 
+/// Records the ends of `records` (JSON mode: one message each, stored from
+/// `start`) in the sparse boundary index, at least `JSON_MARK_SPACING`
+/// apart. Marks inside an append matter: with 100 KB appends, marks at
+/// append ends only made every read scan up to 100 KB for its cut (a
+/// quarter of the server's CPU in a JSON replay).
+fn push_json_marks(marks: &mut Vec<u64>, start: u64, records: &[Bytes]) {
+    let mut at = start;
+    for r in records {
+        at += r.len() as u64;
+        if marks.last().is_none_or(|m| at - m >= JSON_MARK_SPACING) {
+            marks.push(at);
+        }
+    }
+}
+
 /// Reads up to this size are done on the calling task, larger ones on the
 /// blocking pool.
 const INLINE_READ_BYTES: u64 = 64 * 1024;
@@ -1791,10 +1806,12 @@ impl Engine for FileEngine {
                 created: false,
                 durable_tail: base,
                 durable_closed: false,
-                json_marks: if json && len > 0 {
-                    vec![base + len]
-                } else {
-                    Vec::new()
+                json_marks: {
+                    let mut marks = Vec::new();
+                    if json {
+                        push_json_marks(&mut marks, base, &data);
+                    }
+                    marks
                 },
             }),
             mem: Mutex::new(MemTail {
@@ -1906,15 +1923,8 @@ impl Engine for FileEngine {
                     let start = st.tail;
                     st.tail += len;
                     st.last_access_ms = now;
-                    if s.json
-                        && len > 0
-                        && st
-                            .json_marks
-                            .last()
-                            .is_none_or(|m| st.tail - m >= JSON_MARK_SPACING)
-                    {
-                        let end = st.tail;
-                        st.json_marks.push(end);
+                    if s.json {
+                        push_json_marks(&mut st.json_marks, start, &data);
                     }
                     let record = Record::Append(AppendRec {
                         id: s.id,
