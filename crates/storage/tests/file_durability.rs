@@ -2,6 +2,8 @@
 //! everything unsynced at a power cut (and real-disk tests of the other
 //! properties: group commit, open-file bound, 100,000 streams, disk space).
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use durable_streams_protocol::{parse::ProducerHeaders, Offset};
 use durable_streams_storage::file::sim::{Faults, SimVfs};
@@ -469,8 +471,11 @@ fn held_bytes_are_served_from_memory_and_survive_a_power_cut() {
         assert_eq!(data_files(&vfs), 0, "600 bytes are held, no file yet");
         assert_eq!(read_all(&e, "s").await.unwrap().0, content[..600]);
         let fr = e.read_file("s", ReadFrom::Start, 1 << 20).await.unwrap();
-        assert!(fr.file.is_none(), "held bytes are copied, not sent from a file");
-        assert_eq!(fr.chunk.data.concat(), content[..600].as_bytes());
+        assert!(
+            fr.file.is_none(),
+            "held bytes are copied, not sent from a file"
+        );
+        assert_eq!(fr.chunk.data.concat(), &content.as_bytes()[..600]);
 
         // 1200 held bytes pass the per-stream threshold: written out after
         // the batch (the append may return first).
@@ -492,7 +497,7 @@ fn held_bytes_are_served_from_memory_and_survive_a_power_cut() {
         // A read across the boundary: 1000..1200 from the file, the rest
         // from memory.
         let c = e.read("s", ReadFrom::At(Offset(1000)), 300).await.unwrap();
-        assert_eq!(c.data.concat(), content[1000..1300].as_bytes());
+        assert_eq!(c.data.concat(), &content.as_bytes()[1000..1300]);
         assert_eq!(c.next, Offset(1300));
         let fr = e.read_file("s", ReadFrom::Start, 1200).await.unwrap();
         let slice = fr.file.expect("flushed bytes are left in the file");

@@ -89,7 +89,10 @@ async fn disk_bytes_match_the_files_on_disk() {
     e.append("c", append_req(5000)).await.unwrap();
     assert_eq!(metric(&e, "ds_disk_bytes"), vfs.used_bytes(), "written");
 
-    assert_eq!(metric(&e, "ds_unflushed_bytes"), 2 * 20 * 1000 + 2 * 190 + 5000);
+    assert_eq!(
+        metric(&e, "ds_unflushed_bytes"),
+        2 * 20 * 1000 + 2 * 190 + 5000
+    );
     // A checkpoint writes the held bytes to the data files.
     e.checkpoint().await.unwrap();
     assert_eq!(metric(&e, "ds_unflushed_bytes"), 0);

@@ -790,10 +790,9 @@ impl Inner {
                 let held = if end > m.start {
                     let lo = (from.max(m.start) - m.start) as usize;
                     let hi = (end - m.start) as usize;
-                    let bytes = m
-                        .buf
-                        .get(lo..hi)
-                        .ok_or_else(|| StorageError::Io("read past a stream's held bytes".into()))?;
+                    let bytes = m.buf.get(lo..hi).ok_or_else(|| {
+                        StorageError::Io("read past a stream's held bytes".into())
+                    })?;
                     Some(Bytes::copy_from_slice(bytes))
                 } else {
                     None
@@ -1160,9 +1159,7 @@ impl Committer {
                     (Effect::RemoveData { .. }, _) => removals.push(e),
                     // A record's own stream holds its bytes in memory once
                     // the batch is durable (write-behind).
-                    (Effect::Write { id, .. }, Some(s)) if *id == s.id => {
-                        held.push((s.clone(), e))
-                    }
+                    (Effect::Write { id, .. }, Some(s)) if *id == s.id => held.push((s.clone(), e)),
                     // Any other write (none today) goes to its file before
                     // the sync, as a full disk must be found before then.
                     (Effect::Write { .. }, _) => direct.push(e),
@@ -1209,7 +1206,9 @@ impl Committer {
                 }
             }
         }
-        stats.unflushed_bytes.store(self.held_bytes, Ordering::Relaxed);
+        stats
+            .unflushed_bytes
+            .store(self.held_bytes, Ordering::Relaxed);
         if let Err(e) = write_effects(
             &self.inner.files,
             &removals,
@@ -1323,10 +1322,10 @@ impl Committer {
         }
         let stats = &self.inner.stats;
         self.held_bytes -= n as u64;
-        stats.unflushed_bytes.store(self.held_bytes, Ordering::Relaxed);
         stats
-            .data_file_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
+            .unflushed_bytes
+            .store(self.held_bytes, Ordering::Relaxed);
+        stats.data_file_bytes.fetch_add(n as u64, Ordering::Relaxed);
         stats.data_flushes.fetch_add(1, Ordering::Relaxed);
         self.dirty.insert(id);
         Ok(())
