@@ -31,6 +31,7 @@
 use crate::compact_sse::{encode_head, framing, Framing};
 use crate::compression::{negotiate, Algorithm};
 use axum::body::Body;
+use durable_streams_protocol::headers as h;
 use durable_streams_storage::FileSlice;
 use http::{HeaderMap, Request, Response};
 use std::io;
@@ -140,7 +141,7 @@ pub(crate) fn build_post(
     };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
-        let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
+        let Some(name) = header_name(h.name) else {
             return Post::Hyper;
         };
         if name == http::header::TRANSFER_ENCODING
@@ -164,6 +165,37 @@ pub(crate) fn build_post(
     *req.headers_mut() = headers;
     req.extensions_mut().insert(crate::PeerAddr(peer));
     Post::Ready(Box::new(req))
+}
+
+/// The protocol's own request headers, as names that cost no allocation:
+/// `HeaderName::from_bytes` copies every name that is not a standard HTTP
+/// header into a new buffer (three per idempotent-producer append).
+static PROTOCOL_NAMES: std::sync::LazyLock<Vec<http::HeaderName>> =
+    std::sync::LazyLock::new(|| {
+        [
+            h::PRODUCER_ID,
+            h::PRODUCER_EPOCH,
+            h::PRODUCER_SEQ,
+            h::STREAM_SEQ,
+            h::STREAM_TTL,
+            h::STREAM_EXPIRES_AT,
+            h::STREAM_CLOSED,
+            h::REQUEST_ID,
+        ]
+        .into_iter()
+        .map(http::HeaderName::from_static)
+        .collect()
+    });
+
+/// A request header's name, without allocating for the protocol's own.
+fn header_name(name: &str) -> Option<http::HeaderName> {
+    if let Some(known) = PROTOCOL_NAMES
+        .iter()
+        .find(|n| n.as_str().eq_ignore_ascii_case(name))
+    {
+        return Some(known.clone());
+    }
+    http::HeaderName::from_bytes(name.as_bytes()).ok()
 }
 
 /// The request's one plain decimal `Content-Length`; `None` when it has

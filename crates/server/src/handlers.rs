@@ -371,9 +371,15 @@ async fn append_tolerating_reorder(
     if req.producer.is_none() || wait.is_zero() {
         return state.engine.append(path, req).await;
     }
+    // The usual case (in order) needs no subscription: try first.
+    match state.engine.append(path, req.clone()).await {
+        Err(StorageError::SeqGap { .. }) => {}
+        other => return other,
+    }
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        // Subscribe before trying so a change in between is not missed.
+        // Subscribe before trying again so a change in between is not
+        // missed.
         let mut rx = state.engine.watch(path).await?;
         match state.engine.append(path, req.clone()).await {
             Err(StorageError::SeqGap { .. }) if tokio::time::Instant::now() < deadline => {
