@@ -530,6 +530,72 @@ fn held_bytes_are_served_from_memory_and_survive_a_power_cut() {
     e.close();
 }
 
+/// More streams fall due for a flush at once than one committer cycle
+/// writes (`MAX_TIMED_FLUSHES`): the rest are written in the following
+/// cycles without any further traffic, and every byte reads back.
+#[test]
+fn a_backlog_of_due_flushes_drains_without_traffic() {
+    let rt = rt();
+    let vfs = Arc::new(SimVfs::new());
+    let e = FileEngine::open_with(
+        "/db",
+        FileOptions {
+            data_flush_interval: std::time::Duration::from_millis(200),
+            ..FileOptions::default()
+        },
+        vfs.clone(),
+        Arc::new(SystemClock),
+    )
+    .expect("open");
+    let unflushed = |e: &FileEngine| {
+        e.metrics()
+            .into_iter()
+            .find(|(n, _, _)| *n == "ds_unflushed_bytes")
+            .map(|(_, _, v)| v)
+            .expect("ds_unflushed_bytes")
+    };
+    rt.block_on(async {
+        for i in 0..1000 {
+            e.create(&format!("s{i}"), create_req()).await.unwrap();
+        }
+        // Concurrent appends: large batches, so all 1000 streams start
+        // holding bytes within a few cycles and fall due together.
+        let tasks: Vec<_> = (0..1000)
+            .map(|i| {
+                let e = e.clone();
+                tokio::spawn(async move {
+                    e.append(&format!("s{i}"), append_req(format!("b{i};"), None, false))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(unflushed(&e) > 0);
+        let mut waited = 0;
+        while unflushed(&e) > 0 && waited < 30_000 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            waited += 10;
+        }
+        assert_eq!(unflushed(&e), 0, "held bytes left after {waited} ms");
+        let files = vfs
+            .files()
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "dat"))
+            .count();
+        assert_eq!(files, 1000);
+        for i in [0, 499, 999] {
+            assert_eq!(
+                read_all(&e, &format!("s{i}")).await.unwrap().0,
+                format!("b{i};")
+            );
+        }
+    });
+    e.close();
+}
+
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!(
         "ds-test-{name}-{}-{}",

@@ -3,6 +3,8 @@
 //! is empty after a restart): chunks are whole messages, in order, none lost;
 //! `read_file` (bytes left in the data file) cuts them identically.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use durable_streams_protocol::json::{frame_messages, split_messages, stored_to_array};
 use durable_streams_storage::file::sim::SimVfs;

@@ -216,6 +216,12 @@ fn push_json_marks(marks: &mut Vec<u64>, start: u64, records: &[Bytes]) {
     }
 }
 
+/// Streams flushed per committer cycle because their time was up: when
+/// thousands of streams fall due together, their writes are spread over
+/// several cycles (with batches committed in between) instead of stalling
+/// one cycle for all of them.
+const MAX_TIMED_FLUSHES: usize = 256;
+
 /// Reads up to this size are done on the calling task, larger ones on the
 /// blocking pool.
 const INLINE_READ_BYTES: u64 = 64 * 1024;
@@ -916,10 +922,19 @@ impl Committer {
             .min(Duration::from_secs(1));
         loop {
             let mut batch = Vec::new();
+            let interval = self.inner.opts.data_flush_interval;
             let wait = if self.held.is_empty() {
                 tick
+            } else if self
+                .held_order
+                .front()
+                .is_some_and(|(_, since)| since.elapsed() >= interval)
+            {
+                // A backlog of due flushes (see `MAX_TIMED_FLUSHES`): go on
+                // with it as soon as no batch is waiting.
+                Duration::ZERO
             } else {
-                tick.min(self.inner.opts.data_flush_interval)
+                tick.min(interval)
             };
             match rx.recv_timeout(wait) {
                 Ok(j) => batch.push(j),
@@ -1345,13 +1360,15 @@ impl Committer {
             self.flush_stream(id)?;
         }
         let now = Instant::now();
+        let mut flushed = 0;
         while let Some(&(id, since)) = self.held_order.front() {
-            if now.duration_since(since) < interval {
+            if now.duration_since(since) < interval || flushed == MAX_TIMED_FLUSHES {
                 break;
             }
             self.held_order.pop_front();
             if self.held.get(&id).is_some_and(|(_, t)| *t == since) {
                 self.flush_stream(id)?;
+                flushed += 1;
             }
         }
         Ok(())
