@@ -162,6 +162,23 @@ impl FileSlice {
         let n = (buf.len() as u64).min(self.len.saturating_sub(at)) as usize;
         self.file.read_at(&mut buf[..n], self.position + at)
     }
+    /// Every byte of the slice (for tests and small fallbacks); an error
+    /// if the file is shorter than the slice.
+    pub fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.len as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], done as u64)?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file slice shorter than its length",
+                ));
+            }
+            done += n;
+        }
+        Ok(buf)
+    }
 }
 
 impl std::fmt::Debug for FileSlice {

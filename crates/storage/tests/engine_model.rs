@@ -470,16 +470,9 @@ async fn check_engine(h: &mut dyn Harness, ops: Vec<Op>) {
                         Some(slice) => {
                             assert!(fr.chunk.data.is_empty(), "file slice and data both set");
                             assert_eq!(slice.len(), fr.chunk.len());
-                            let mut buf = vec![0u8; slice.len() as usize];
-                            let mut done = 0;
-                            while done < buf.len() {
-                                let n = slice
-                                    .read_at(&mut buf[done..], done as u64)
-                                    .expect("slice read");
-                                assert!(n > 0, "file slice shorter than its length");
-                                done += n;
-                            }
-                            buf
+                            slice
+                                .read_all()
+                                .expect("file slice shorter than its length")
                         }
                         None => fr
                             .chunk

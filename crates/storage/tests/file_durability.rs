@@ -425,6 +425,23 @@ fn full_disk_is_refused_cleanly() {
     e.close();
 }
 
+/// `ds_unflushed_bytes`: durable bytes not yet in their data files.
+fn unflushed(e: &FileEngine) -> u64 {
+    e.metrics()
+        .into_iter()
+        .find(|(n, _, _)| *n == "ds_unflushed_bytes")
+        .map(|(_, _, v)| v)
+        .expect("ds_unflushed_bytes")
+}
+
+/// Data files on the simulated disk.
+fn data_files(vfs: &SimVfs) -> usize {
+    vfs.files()
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "dat"))
+        .count()
+}
+
 /// Write-behind: a stream's newest durable bytes are served from memory,
 /// reads across the file/memory boundary are exact, `read_file` leaves only
 /// flushed bytes in a file slice, a power cut before the flush loses
@@ -446,19 +463,6 @@ fn held_bytes_are_served_from_memory_and_survive_a_power_cut() {
             Arc::new(SystemClock),
         )
         .expect("recovery")
-    };
-    let data_files = |vfs: &SimVfs| {
-        vfs.files()
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|x| x == "dat"))
-            .count()
-    };
-    let unflushed = |e: &FileEngine| {
-        e.metrics()
-            .into_iter()
-            .find(|(n, _, _)| *n == "ds_unflushed_bytes")
-            .map(|(_, _, v)| v)
-            .expect("ds_unflushed_bytes")
     };
     let e = open_held(vfs.clone());
     let content: String = (0..1300).map(|i| (b'a' + (i % 26) as u8) as char).collect();
@@ -547,13 +551,6 @@ fn a_backlog_of_due_flushes_drains_without_traffic() {
         Arc::new(SystemClock),
     )
     .expect("open");
-    let unflushed = |e: &FileEngine| {
-        e.metrics()
-            .into_iter()
-            .find(|(n, _, _)| *n == "ds_unflushed_bytes")
-            .map(|(_, _, v)| v)
-            .expect("ds_unflushed_bytes")
-    };
     rt.block_on(async {
         for i in 0..1000 {
             e.create(&format!("s{i}"), create_req()).await.unwrap();
@@ -580,12 +577,7 @@ fn a_backlog_of_due_flushes_drains_without_traffic() {
             waited += 10;
         }
         assert_eq!(unflushed(&e), 0, "held bytes left after {waited} ms");
-        let files = vfs
-            .files()
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|x| x == "dat"))
-            .count();
-        assert_eq!(files, 1000);
+        assert_eq!(data_files(&vfs), 1000);
         for i in [0, 499, 999] {
             assert_eq!(
                 read_all(&e, &format!("s{i}")).await.unwrap().0,

@@ -83,14 +83,9 @@ async fn check(e: &dyn Engine, msgs: &[String]) {
             let in_file = match &f.file {
                 Some(slice) => {
                     assert!(f.chunk.data.is_empty(), "file slice and data both set");
-                    let mut buf = vec![0u8; slice.len() as usize];
-                    let mut done = 0;
-                    while done < buf.len() {
-                        let n = slice.read_at(&mut buf[done..], done as u64).unwrap();
-                        assert!(n > 0, "file slice shorter than its length");
-                        done += n;
-                    }
-                    buf
+                    slice
+                        .read_all()
+                        .expect("file slice shorter than its length")
                 }
                 None => f
                     .chunk
