@@ -9,6 +9,18 @@ use durable_streams_storage::{Engine, FileEngine, FileOptions, MemoryEngine};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The binary's allocator. A profile of 256 connections appending 256 B
+/// records had glibc's malloc, free and their fastbin consolidation at ~15%
+/// of the server's CPU (a request allocates a few dozen small objects on one
+/// runtime thread and frees them on another); mimalloc's thread-local free
+/// lists cost a fraction of that (A/B, 4 rounds: +9% appends/s at 256
+/// connections, -9% CPU per append). Built without transparent huge pages
+/// (`no_thp`): with them an idle SSE connection measured 1.02 KB of RSS
+/// instead of 0.7 (glibc: 0.92). Only the binary chooses: the library
+/// leaves the allocator to whoever embeds it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ABOUT_LONG: &str = "\
 A Durable Streams protocol server: HTTP append-only streams with catch-up \
 reads, long-poll and SSE live reads, idempotent producers and subscriptions.
