@@ -117,24 +117,10 @@ pub(crate) fn build_post(
     peer: std::net::SocketAddr,
 ) -> Post {
     let rest = &buf[head_len..];
-    if parsed.method != Some("POST") || parsed.version != Some(1) {
-        return Post::Hyper;
-    }
-    let Some(path) = parsed.path else {
-        return Post::Hyper;
+    let path = match post_body(parsed, rest) {
+        Ok(path) => path,
+        Err(not_ready) => return not_ready,
     };
-    // Checked before copying: a body still arriving is read first.
-    let Some(length) = content_length(parsed) else {
-        return Post::Hyper;
-    };
-    if length > crate::compact_sse::MAX_HEAD_BYTES {
-        return Post::Hyper;
-    }
-    match rest.len().cmp(&length) {
-        std::cmp::Ordering::Less => return Post::NeedMore,
-        std::cmp::Ordering::Greater => return Post::Hyper,
-        std::cmp::Ordering::Equal => {}
-    }
     let shared = crate::compact_sse::SharedHead::new(buf);
     let Some(uri) = shared.uri(path) else {
         return Post::Hyper;
@@ -167,6 +153,34 @@ pub(crate) fn build_post(
     Post::Ready(Box::new(req))
 }
 
+/// Checks shared by the two ways an append is served here
+/// ([`build_post`] and [`crate::compact_append`]): an HTTP/1.1 `POST` with
+/// one plain `Content-Length` whose whole body (`rest`, the bytes after the
+/// head) has arrived, and nothing after it. Gives the request target.
+pub(crate) fn post_body<'b>(
+    parsed: &httparse::Request<'_, 'b>,
+    rest: &[u8],
+) -> Result<&'b str, Post> {
+    if parsed.method != Some("POST") || parsed.version != Some(1) {
+        return Err(Post::Hyper);
+    }
+    let Some(path) = parsed.path else {
+        return Err(Post::Hyper);
+    };
+    // Checked before copying: a body still arriving is read first.
+    let Some(length) = content_length(parsed) else {
+        return Err(Post::Hyper);
+    };
+    if length > crate::compact_sse::MAX_HEAD_BYTES {
+        return Err(Post::Hyper);
+    }
+    match rest.len().cmp(&length) {
+        std::cmp::Ordering::Less => Err(Post::NeedMore),
+        std::cmp::Ordering::Greater => Err(Post::Hyper),
+        std::cmp::Ordering::Equal => Ok(path),
+    }
+}
+
 /// The protocol's own request headers, as names that cost no allocation:
 /// `HeaderName::from_bytes` copies every name that is not a standard HTTP
 /// header into a new buffer (three per idempotent-producer append).
@@ -188,7 +202,7 @@ static PROTOCOL_NAMES: std::sync::LazyLock<Vec<http::HeaderName>> =
     });
 
 /// A request header's name, without allocating for the protocol's own.
-fn header_name(name: &str) -> Option<http::HeaderName> {
+pub(crate) fn header_name(name: &str) -> Option<http::HeaderName> {
     if let Some(known) = PROTOCOL_NAMES
         .iter()
         .find(|n| n.as_str().eq_ignore_ascii_case(name))
@@ -202,7 +216,7 @@ fn header_name(name: &str) -> Option<http::HeaderName> {
 /// none, several, or one hyper should judge, and with chunked coding, an
 /// upgrade or an `Expect` (a client waiting for `100 Continue` must not be
 /// waited for here).
-fn content_length(parsed: &httparse::Request<'_, '_>) -> Option<usize> {
+pub(crate) fn content_length(parsed: &httparse::Request<'_, '_>) -> Option<usize> {
     let mut length = None;
     for h in parsed.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding")
@@ -225,11 +239,17 @@ fn content_length(parsed: &httparse::Request<'_, '_>) -> Option<usize> {
 
 /// True when the request asks for the connection to close after it.
 fn wants_close(headers: &HeaderMap) -> bool {
-    headers.get_all(http::header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    })
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .any(|v| connection_close(v.as_bytes()))
+}
+
+/// True when a `Connection` value has the `close` token.
+pub(crate) fn connection_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// Serves one request on `stream`. Returns `true` when the
@@ -244,6 +264,17 @@ pub(crate) async fn respond(
 ) -> bool {
     let close = wants_close(req.headers());
     let resp: Response<Body> = app.call(*req).await;
+    send_response(stream, resp, close, out).await
+}
+
+/// Sends `resp` on `stream`; `close`: the request asked to close. Returns
+/// `true` when the connection may carry another request.
+pub(crate) async fn send_response(
+    stream: &mut TcpStream,
+    resp: Response<Body>,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> bool {
     let (mut parts, body) = resp.into_parts();
     let file = parts.extensions.remove::<FileBody>();
     let close = close || wants_close(&parts.headers);
@@ -255,6 +286,18 @@ pub(crate) async fn respond(
         Some(body) => send_file(stream, out, &body).await,
         None => send_body(stream, out, body, framing).await,
     };
+    finish(stream, sent, close, out).await
+}
+
+/// After a response: keeps `out` for the next one if small; closes the
+/// connection when sending failed or `close`. Returns `true` when the
+/// connection may carry another request.
+pub(crate) async fn finish(
+    stream: &mut TcpStream,
+    sent: io::Result<()>,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> bool {
     // Kept for the next request only while small: an idle keep-alive
     // connection should not hold a large response's buffer.
     if out.capacity() > KEPT_OUT_BUF_BYTES {

@@ -34,7 +34,7 @@ const FIRST_READ_BYTES: usize = 2048;
 /// which applies `max_header_bytes`.
 pub(crate) const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Headers httparse accepts (hyper's default limit too).
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Bytes a client may send after its SSE request before it is cut off;
 /// they are read and dropped so the socket buffer does not fill.
 const MAX_DISCARD_BYTES: usize = 64 * 1024;
@@ -50,6 +50,9 @@ pub(crate) enum Head {
     /// A catch-up read or a small append for [`crate::compact_get`]: the
     /// connection stays on that path while requests qualify.
     KeepAlive(Box<Request<Body>>),
+    /// An append for [`crate::compact_append`], its head and body in the
+    /// head buffer (left in place).
+    Append(crate::compact_append::AppendHead),
 }
 
 /// Reads the first request head of a cleartext connection, as far as needed
@@ -97,6 +100,7 @@ pub(crate) async fn read_head(
             Decision::NeedMore | Decision::Hyper => return Head::Hyper(std::mem::take(buf)),
             Decision::Compact(req) => return Head::Compact(req),
             Decision::KeepAlive(req) => return Head::KeepAlive(req),
+            Decision::Append(head) => return Head::Append(head),
         }
     }
 }
@@ -106,6 +110,7 @@ enum Decision {
     Hyper,
     Compact(Box<Request<Body>>),
     KeepAlive(Box<Request<Body>>),
+    Append(crate::compact_append::AppendHead),
 }
 
 /// Decides from the bytes so far; cheap for everything that is not for a
@@ -142,10 +147,19 @@ fn classify(
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
         Ok(httparse::Status::Complete(len)) if post => {
+            use crate::compact_get::Post;
+            let target = match crate::compact_get::post_body(&parsed, &buf[len..]) {
+                Ok(target) => target,
+                Err(Post::NeedMore) => return Decision::NeedMore,
+                Err(_) => return Decision::Hyper,
+            };
+            if let Some(head) = crate::compact_append::parse(&parsed, buf, len, target) {
+                return Decision::Append(head);
+            }
             match crate::compact_get::build_post(&parsed, buf, len, peer) {
-                crate::compact_get::Post::Ready(req) => Decision::KeepAlive(req),
-                crate::compact_get::Post::NeedMore => Decision::NeedMore,
-                crate::compact_get::Post::Hyper => Decision::Hyper,
+                Post::Ready(req) => Decision::KeepAlive(req),
+                Post::NeedMore => Decision::NeedMore,
+                Post::Hyper => Decision::Hyper,
             }
         }
         Ok(httparse::Status::Complete(len)) if len == buf.len() => {
@@ -483,11 +497,7 @@ pub(crate) fn encode_head(
     framing: Framing,
     close: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    encode_status_line(out, status);
     for (name, value) in headers {
         // Connection-level headers are this connection's to set.
         if name == http::header::CONNECTION
@@ -496,12 +506,37 @@ pub(crate) fn encode_head(
         {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !headers.contains_key(http::header::DATE) {
+    encode_head_end(
+        out,
+        !headers.contains_key(http::header::DATE),
+        framing,
+        close,
+    );
+}
+
+/// `HTTP/1.1 {status} {reason}`: a response head's first line.
+pub(crate) fn encode_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One header line.
+pub(crate) fn encode_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The connection's own headers (`Date` when `date`, `Connection: close`,
+/// the framing) and the blank line ending the head.
+pub(crate) fn encode_head_end(out: &mut Vec<u8>, date: bool, framing: Framing, close: bool) {
+    if date {
         out.extend_from_slice(b"date: ");
         http_date(|d| out.extend_from_slice(d));
         out.extend_from_slice(b"\r\n");
@@ -513,7 +548,7 @@ pub(crate) fn encode_head(
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Length(Some(n)) => {
             out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa_u64(n, &mut [0u8; 20]));
+            out.extend_from_slice(crate::handlers::decimal(n, &mut [0u8; 20]));
             out.extend_from_slice(b"\r\n");
         }
         Framing::Length(None) | Framing::None => {}
@@ -538,19 +573,6 @@ fn http_date(f: impl FnOnce(&[u8])) {
         }
         f(c.1.as_bytes());
     });
-}
-
-/// `n` in decimal, formatted into `buf`.
-fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[at..];
-        }
-    }
 }
 
 /// Writes `{len:x}\r\n` into `out`; returns its length.

@@ -34,6 +34,12 @@ impl App {
         }
     }
 
+    /// The state, when the router's layers are the policy alone (what
+    /// [`crate::compact_append`] needs to answer an append itself).
+    pub(crate) fn direct_state(&self) -> Option<&Arc<AppState>> {
+        self.direct.as_ref()
+    }
+
     pub(crate) async fn call(&self, req: Request<Body>) -> Response {
         match &self.direct {
             Some(state) if !is_router_route(req.uri().path()) => {
@@ -52,6 +58,6 @@ impl App {
 
 /// The paths [`crate::Server::router`] routes itself; everything else goes
 /// to its fallback.
-fn is_router_route(path: &str) -> bool {
+pub(crate) fn is_router_route(path: &str) -> bool {
     matches!(path, "/healthz" | "/metrics" | "/readyz")
 }

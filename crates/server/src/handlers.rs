@@ -191,7 +191,7 @@ async fn create(
         },
         (None, None) => false,
     };
-    let records = frame_body(&body, json_mode, true)?;
+    let records = frame_body(&body, Some(&body), json_mode, true)?;
     state.subscriptions.stream_creating(path);
     let req = CreateRequest {
         content_type: content_type.clone(),
@@ -233,8 +233,11 @@ async fn create(
 
 /// Splits a body into stored records: one per JSON message in JSON mode
 /// (validated, flattened one level), otherwise the body as one record.
+/// The records of an append's body: the body itself, or its JSON
+/// messages framed. `owned`: the body as `Bytes`, when the caller has it.
 fn frame_body(
-    body: &Bytes,
+    body: &[u8],
+    owned: Option<&Bytes>,
     json_mode: bool,
     allow_empty_array: bool,
 ) -> Result<Vec<Bytes>, ApiError> {
@@ -245,10 +248,10 @@ fn frame_body(
         // A small body may be a slice of a much larger receive buffer; a
         // stored record must not keep that alive (measured: ~6 KB held per
         // 256 B append in the memory engine before this copy).
-        if body.len() < 64 * 1024 {
-            return Ok(vec![Bytes::copy_from_slice(body)]);
-        }
-        return Ok(vec![body.clone()]);
+        return Ok(vec![match owned {
+            Some(b) if body.len() >= 64 * 1024 => b.clone(),
+            _ => Bytes::copy_from_slice(body),
+        }]);
     }
     let ranges = json::split_messages(body, allow_empty_array)?;
     let (stored, lens) = json::frame_messages(body, &ranges);
@@ -268,17 +271,137 @@ async fn append(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let close = parse::is_closed_flag(headers.get(h::STREAM_CLOSED).map(|v| v.as_bytes()));
-    let producer = parse::parse_producer(
-        header_str(headers, h::PRODUCER_ID)?,
-        header_str(headers, h::PRODUCER_EPOCH)?,
-        header_str(headers, h::PRODUCER_SEQ)?,
-    )?;
-    let stream_seq = header_str(headers, h::STREAM_SEQ)?.map(str::to_owned);
-    let content_type = header_str(headers, "content-type")?
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty());
+    // Headers are judged before the body is read: a bad header is a 400
+    // whatever the body's size.
+    let input = AppendInput::parse(&AppendHeaders::from_map(headers))?;
     let body = request::read_body(headers, body, state.config.max_append_bytes).await?;
+    let reply = append_body(state, path, input, &body, Some(&body)).await?;
+    let mut resp = empty(reply.status);
+    reply.for_each_header(|name, value| {
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            resp.headers_mut().insert(name, v);
+        }
+    });
+    Ok(resp)
+}
+
+/// The request headers an append reads, as raw values (the first of each
+/// name, as `HeaderMap::get` gives): taken from hyper's `HeaderMap` or
+/// straight from a parsed head ([`crate::compact_append`]), then judged by
+/// the same [`AppendInput::parse`].
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AppendHeaders<'a> {
+    pub(crate) content_type: Option<&'a [u8]>,
+    pub(crate) producer_id: Option<&'a [u8]>,
+    pub(crate) producer_epoch: Option<&'a [u8]>,
+    pub(crate) producer_seq: Option<&'a [u8]>,
+    pub(crate) stream_seq: Option<&'a [u8]>,
+    pub(crate) stream_closed: Option<&'a [u8]>,
+}
+
+impl<'a> AppendHeaders<'a> {
+    pub(crate) fn from_map(headers: &'a HeaderMap) -> Self {
+        let get = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
+        AppendHeaders {
+            content_type: get("content-type"),
+            producer_id: get(h::PRODUCER_ID),
+            producer_epoch: get(h::PRODUCER_EPOCH),
+            producer_seq: get(h::PRODUCER_SEQ),
+            stream_seq: get(h::STREAM_SEQ),
+            stream_closed: get(h::STREAM_CLOSED),
+        }
+    }
+
+    /// True when the append closes the stream (the `close` metrics label).
+    pub(crate) fn closes(&self) -> bool {
+        parse::is_closed_flag(self.stream_closed)
+    }
+}
+
+/// An append's validated headers.
+pub(crate) struct AppendInput {
+    close: bool,
+    producer: Option<durable_streams_protocol::parse::ProducerHeaders>,
+    stream_seq: Option<String>,
+    content_type: Option<String>,
+}
+
+impl AppendInput {
+    pub(crate) fn parse(hs: &AppendHeaders<'_>) -> Result<Self, ApiError> {
+        let text = request::header_text;
+        Ok(AppendInput {
+            close: hs.closes(),
+            producer: parse::parse_producer(
+                text(h::PRODUCER_ID, hs.producer_id)?,
+                text(h::PRODUCER_EPOCH, hs.producer_epoch)?,
+                text(h::PRODUCER_SEQ, hs.producer_seq)?,
+            )?,
+            stream_seq: text(h::STREAM_SEQ, hs.stream_seq)?.map(str::to_owned),
+            content_type: text("content-type", hs.content_type)?
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty()),
+        })
+    }
+}
+
+/// A successful append's answer: the status and the headers of
+/// [`AppendReply::for_each_header`], without a body.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AppendReply {
+    pub(crate) status: StatusCode,
+    tail: Offset,
+    closed: bool,
+    producer: Option<(u64, u64)>,
+}
+
+impl AppendReply {
+    /// Calls `f` with each response header's name and value.
+    pub(crate) fn for_each_header(&self, mut f: impl FnMut(http::HeaderName, &[u8])) {
+        f(STREAM_NEXT_OFFSET, &self.tail.encode());
+        if self.closed {
+            f(STREAM_CLOSED, b"true");
+        }
+        if let Some((epoch, seq)) = self.producer {
+            let mut buf = [0u8; 20];
+            f(PRODUCER_EPOCH, decimal(epoch, &mut buf));
+            f(PRODUCER_SEQ, decimal(seq, &mut buf));
+        }
+    }
+}
+
+const STREAM_CLOSED: http::HeaderName = http::HeaderName::from_static(h::STREAM_CLOSED);
+const PRODUCER_EPOCH: http::HeaderName = http::HeaderName::from_static(h::PRODUCER_EPOCH);
+const PRODUCER_SEQ: http::HeaderName = http::HeaderName::from_static(h::PRODUCER_SEQ);
+
+/// `n` in decimal, formatted into `buf`.
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
+/// Appends `body` (already within the size limit) with the validated
+/// headers. `owned`: the body as `Bytes` when the caller has it, so a large
+/// body is stored without a copy.
+pub(crate) async fn append_body(
+    state: &AppState,
+    path: &str,
+    input: AppendInput,
+    body: &[u8],
+    owned: Option<&Bytes>,
+) -> Result<AppendReply, ApiError> {
+    let AppendInput {
+        close,
+        producer,
+        stream_seq,
+        content_type,
+    } = input;
     state
         .metrics
         .received_bytes
@@ -305,7 +428,7 @@ async fn append(
             let meta = state.engine.head(path).await?;
             meta.json && !meta.closed
         };
-        frame_body(&body, json_mode, false)?
+        frame_body(body, owned, json_mode, false)?
     };
     let has_data = !records.is_empty();
     let req = AppendRequest {
@@ -315,8 +438,7 @@ async fn append(
         producer,
         stream_seq,
     };
-    let mut resp;
-    match append_tolerating_reorder(state, path, req).await? {
+    let reply = match append_tolerating_reorder(state, path, req).await? {
         AppendOutcome::Applied { meta, producer } => {
             if has_data {
                 state.subscriptions.stream_changed(path);
@@ -326,33 +448,31 @@ async fn append(
                     .append_bytes
                     .fetch_add(body.len() as u64, Ordering::Relaxed);
             }
-            let status = if producer.is_some() && has_data {
-                StatusCode::OK
-            } else {
-                StatusCode::NO_CONTENT
-            };
-            resp = empty(status);
-            set_offset(&mut resp, meta.tail);
-            set_closed(&mut resp, meta.closed);
-            if let Some((epoch, seq)) = producer {
-                set(&mut resp, h::PRODUCER_EPOCH, epoch);
-                set(&mut resp, h::PRODUCER_SEQ, seq);
+            AppendReply {
+                status: if producer.is_some() && has_data {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NO_CONTENT
+                },
+                tail: meta.tail,
+                closed: meta.closed,
+                producer,
             }
         }
-        AppendOutcome::Duplicate { meta, epoch, seq } => {
-            resp = empty(StatusCode::NO_CONTENT);
-            set_offset(&mut resp, meta.tail);
-            set_closed(&mut resp, meta.closed);
-            set(&mut resp, h::PRODUCER_EPOCH, epoch);
-            set(&mut resp, h::PRODUCER_SEQ, seq);
-        }
-        AppendOutcome::AlreadyClosed { meta } => {
-            resp = empty(StatusCode::NO_CONTENT);
-            set_offset(&mut resp, meta.tail);
-            set_closed(&mut resp, true);
-        }
-    }
-    Ok(resp)
+        AppendOutcome::Duplicate { meta, epoch, seq } => AppendReply {
+            status: StatusCode::NO_CONTENT,
+            tail: meta.tail,
+            closed: meta.closed,
+            producer: Some((epoch, seq)),
+        },
+        AppendOutcome::AlreadyClosed { meta } => AppendReply {
+            status: StatusCode::NO_CONTENT,
+            tail: meta.tail,
+            closed: true,
+            producer: None,
+        },
+    };
+    Ok(reply)
 }
 
 /// Appends; when an idempotent producer's request arrives ahead of its

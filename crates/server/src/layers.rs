@@ -32,7 +32,10 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 /// A client's id is kept if it is 1 to 128 visible ASCII characters (no
 /// spaces, no control characters): safe to log and to echo.
 fn is_sane_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
+    is_sane_request_id_bytes(v.as_bytes())
+}
+
+pub(crate) fn is_sane_request_id_bytes(b: &[u8]) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&b.len()) && b.iter().all(|c| (0x21..=0x7e).contains(c))
 }
 
@@ -40,12 +43,21 @@ fn is_sane_request_id(v: &HeaderValue) -> bool {
 /// (`3f9a0c1e-2a`). Unique within the process and, with high probability,
 /// across restarts and replicas; no system call and one allocation.
 fn generate_request_id() -> HeaderValue {
+    let mut buf = [0u8; GENERATED_ID_MAX_LEN];
+    let n = write_generated_request_id(&mut buf);
+    HeaderValue::from_bytes(&buf[..n]).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Longest generated id: 8 hex digits, `-`, up to 16 hex digits.
+pub(crate) const GENERATED_ID_MAX_LEN: usize = 8 + 1 + 16;
+
+/// Writes a fresh id into `buf`; returns its length.
+pub(crate) fn write_generated_request_id(buf: &mut [u8; GENERATED_ID_MAX_LEN]) -> usize {
     static PREFIX: OnceLock<u32> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(rand::random::<u32>);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = [0u8; 8 + 1 + 16];
     for (i, b) in buf[..8].iter_mut().enumerate() {
         *b = HEX[((prefix >> (28 - 4 * i)) & 0xf) as usize];
     }
@@ -54,7 +66,7 @@ fn generate_request_id() -> HeaderValue {
     for i in 0..digits {
         buf[9 + i] = HEX[((n >> (4 * (digits - 1 - i))) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&buf[..9 + digits]).unwrap_or(HeaderValue::from_static("0"))
+    9 + digits
 }
 
 fn request_id_of(req: &Request) -> HeaderValue {
@@ -81,7 +93,7 @@ fn allow_list() -> &'static HeaderValue {
 }
 
 /// The CORS answer for a request's `Origin`.
-enum AllowOrigin {
+pub(crate) enum AllowOrigin {
     /// `*` is configured: `Access-Control-Allow-Origin: *`.
     Any,
     /// The request's origin is listed: echoed back.
@@ -90,33 +102,60 @@ enum AllowOrigin {
     Refused,
 }
 
-fn cors_allow_origin(allowed: &[String], req: &Request) -> AllowOrigin {
+/// `origin`: the request's first `Origin` value, if any.
+pub(crate) fn cors_allow_origin(allowed: &[String], origin: Option<&[u8]>) -> AllowOrigin {
     if allowed.iter().any(|o| o == "*") {
         return AllowOrigin::Any;
     }
-    let Some(origin) = req.headers().get("origin") else {
+    let Some(origin) = origin else {
         return AllowOrigin::Refused;
     };
-    let Ok(text) = origin.to_str() else {
+    let Ok(text) = std::str::from_utf8(origin) else {
         return AllowOrigin::Refused;
     };
     // Scheme and host are case-insensitive; a configured trailing slash is
     // a common slip, not a different origin.
-    if allowed
+    let listed = allowed
         .iter()
-        .any(|o| o.trim().trim_end_matches('/').eq_ignore_ascii_case(text))
-    {
-        AllowOrigin::Listed(origin.clone())
-    } else {
-        AllowOrigin::Refused
+        .any(|o| o.trim().trim_end_matches('/').eq_ignore_ascii_case(text));
+    match HeaderValue::from_bytes(origin) {
+        Ok(v) if listed && v.to_str().is_ok() => AllowOrigin::Listed(v),
+        _ => AllowOrigin::Refused,
     }
+}
+
+/// Calls `f` with each header the policy adds to a response besides the
+/// request id: the CORS answer, then the fixed security headers. The flag
+/// is true for a header that adds to others of its name (`Vary`) rather
+/// than replacing them. One list for both the layer and the compact append
+/// path ([`crate::compact_append`]).
+pub(crate) fn for_each_policy_header(
+    allow_origin: &AllowOrigin,
+    mut f: impl FnMut(HeaderName, &HeaderValue, bool),
+) {
+    static ANY: HeaderValue = HeaderValue::from_static("*");
+    static ORIGIN: HeaderValue = HeaderValue::from_static("origin");
+    static NOSNIFF: HeaderValue = HeaderValue::from_static("nosniff");
+    static CROSS_ORIGIN: HeaderValue = HeaderValue::from_static("cross-origin");
+    match allow_origin {
+        AllowOrigin::Any => f(header::ACCESS_CONTROL_ALLOW_ORIGIN, &ANY, false),
+        AllowOrigin::Listed(origin) => {
+            f(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin, false);
+            f(header::VARY, &ORIGIN, true);
+        }
+        // No ACAO: the browser refuses the response (a preflight too).
+        AllowOrigin::Refused => f(header::VARY, &ORIGIN, true),
+    }
+    f(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose_list(), false);
+    f(header::X_CONTENT_TYPE_OPTIONS, &NOSNIFF, false);
+    f(CORP, &CROSS_ORIGIN, false);
 }
 
 const METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS";
 
 // Names parsed once, not on every insert (`insert("name", ..)` parses).
 const CORP: HeaderName = HeaderName::from_static("cross-origin-resource-policy");
-const REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
 
 pub async fn policy(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     policy_around(&state, req, |r| next.run(r)).await
@@ -131,7 +170,10 @@ where
     Fut: std::future::Future<Output = Response>,
 {
     let method = req.method().clone();
-    let allow_origin = cors_allow_origin(&state.config.cors_allowed_origins, &req);
+    let allow_origin = cors_allow_origin(
+        &state.config.cors_allowed_origins,
+        req.headers().get("origin").map(HeaderValue::as_bytes),
+    );
     let started = std::time::Instant::now();
     let request_id = RequestId(request_id_of(&req));
     // A reference-counted clone, for the log line's path.
@@ -171,29 +213,21 @@ where
     let hs = resp.headers_mut();
     // The headers added below, in one growth of the map.
     hs.reserve(6);
-    match allow_origin {
-        AllowOrigin::Any => {
-            hs.insert(
-                header::ACCESS_CONTROL_ALLOW_ORIGIN,
-                HeaderValue::from_static("*"),
-            );
+    for_each_policy_header(&allow_origin, |name, value, add| {
+        if add {
+            hs.append(name, value.clone());
+        } else {
+            hs.insert(name, value.clone());
         }
-        AllowOrigin::Listed(origin) => {
-            hs.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-            hs.append(header::VARY, HeaderValue::from_static("origin"));
-        }
-        // No ACAO: the browser refuses the response (a preflight too).
-        AllowOrigin::Refused => {
-            hs.append(header::VARY, HeaderValue::from_static("origin"));
-        }
-    }
-    hs.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose_list().clone());
-    hs.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
+    });
+    log_request(
+        request_id.as_str(),
+        &method,
+        uri.path(),
+        resp.status(),
+        started,
+        peer,
     );
-    hs.insert(CORP, HeaderValue::from_static("cross-origin"));
-    log_request(&request_id, &method, &uri, resp.status(), started, peer);
     resp.headers_mut().insert(REQUEST_ID, request_id.0);
     resp
 }
@@ -201,10 +235,10 @@ where
 /// The request log line: at debug, or at warn for a server error so a
 /// failure's id reaches the default log. Never the query string: it may
 /// carry tokens.
-fn log_request(
-    id: &RequestId,
+pub(crate) fn log_request(
+    id: &str,
     method: &Method,
-    uri: &axum::http::Uri,
+    path: &str,
     status: StatusCode,
     started: std::time::Instant,
     peer: Option<std::net::SocketAddr>,
@@ -212,9 +246,9 @@ fn log_request(
     macro_rules! line {
         ($level:ident) => {
             tracing::$level!(
-                request_id = id.as_str(),
+                request_id = id,
                 %method,
-                path = uri.path(),
+                path,
                 status = status.as_u16(),
                 elapsed_us = started.elapsed().as_micros() as u64,
                 peer = peer.map(tracing::field::display),

@@ -12,6 +12,7 @@
 //! [`Server::router`] and `Router::merge` it.
 
 pub mod auth;
+mod compact_append;
 mod compact_get;
 mod compact_sse;
 pub mod compression;
@@ -431,6 +432,28 @@ impl Connections {
                                         parked,
                                         held: (watcher, permit),
                                     });
+                                }
+                            }
+                        }
+                        compact_sse::Head::Append(head) => {
+                            // As `KeepAlive` below, without building a
+                            // request.
+                            let after = Box::pin(compact_append::respond(
+                                &mut stream,
+                                &self.compact,
+                                &head_buf,
+                                &head,
+                                peer,
+                                &mut out_buf,
+                            ))
+                            .await;
+                            match after {
+                                compact_append::After::KeepAlive => continue,
+                                compact_append::After::Close => {}
+                                compact_append::After::Hyper => {
+                                    let prefix = std::mem::take(&mut head_buf);
+                                    let io = compact_sse::Replay::new(prefix, stream);
+                                    Box::pin(self.serve_hyper(io, peer, false, watcher)).await
                                 }
                             }
                         }

@@ -135,14 +135,28 @@ pub fn parse_read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
     })
 }
 
-/// A header as UTF-8 text; a non-UTF-8 value is a 400.
+/// A header as text; a value with other than visible ASCII (and tabs) is
+/// a 400.
 pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    match headers.get(name) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(Some)
-            .map_err(|_| ApiError::bad_request(format!("header {name} is not valid text"))),
+    header_text(name, headers.get(name).map(|v| v.as_bytes()))
+}
+
+/// [`header_str`] over a raw value: text exactly when
+/// `HeaderValue::to_str` would give it (visible ASCII, spaces and tabs).
+pub fn header_text<'a>(name: &str, value: Option<&'a [u8]>) -> Result<Option<&'a str>, ApiError> {
+    let Some(v) = value else {
+        return Ok(None);
+    };
+    let text = v
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+        .then(|| std::str::from_utf8(v).ok())
+        .flatten();
+    match text {
+        Some(t) => Ok(Some(t)),
+        None => Err(ApiError::bad_request(format!(
+            "header {name} is not valid text"
+        ))),
     }
 }
 

@@ -724,3 +724,289 @@ async fn json_catch_up_by_sendfile_is_exact() {
     let zero_copy = zero_copy_bytes(srv.addr).await - before;
     assert_eq!(zero_copy, sent - 2 * responses as u64 - big);
 }
+
+/// The answer to `req` on `conn`, normalised for comparison: status, the
+/// headers sorted without `date` and without a generated request id (a
+/// client's id is kept), and the body.
+async fn answer(
+    conn: &mut Conn,
+    req: &AppendCase<'_>,
+    stream: &str,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let target = req.target.replace("{S}", stream);
+    let r = conn.request("POST", &target, req.headers, req.body).await;
+    let id = r
+        .header("x-request-id")
+        .expect("every answer has a request id");
+    assert!(!id.is_empty() && id.len() <= 128, "{id:?}");
+    // The client's id, echoed (a sane one is kept, else one is generated).
+    let client_id = req.headers.contains(&format!("x-request-id: {id}\r\n"));
+    let mut headers: Vec<(String, String)> = r
+        .headers
+        .iter()
+        .map(|(n, v)| (n.to_ascii_lowercase(), v.replace(stream, "{S}")))
+        .filter(|(n, _)| n != "date" && (client_id || n != "x-request-id"))
+        .collect();
+    headers.sort();
+    let body = String::from_utf8_lossy(&r.body).replace(stream, "{S}");
+    (r.status, headers, body.into_bytes())
+}
+
+/// One append request of [`compact_and_hyper_appends_answer_alike`]:
+/// `{S}` in the target is the stream's name.
+struct AppendCase<'a> {
+    target: &'a str,
+    headers: &'a str,
+    body: &'a [u8],
+}
+
+/// The compact append path (crates/server/src/compact_append.rs) answers
+/// every append exactly as hyper and the handler do: the same status,
+/// headers and body for successes, producer duplicates, gaps and stale
+/// epochs, bad headers (non-text values included), missing or mismatched
+/// content types, JSON framing errors, closed streams, missing streams,
+/// over-limit bodies, client request ids and CORS (any origin, a listed
+/// one, an unlisted one), and the streams end up holding the same bytes.
+/// Each case is sent on a connection the compact path serves, and on one
+/// hyper serves (its first request is an `OPTIONS`, which the compact path
+/// never takes), to two streams that saw the same requests.
+#[tokio::test]
+async fn compact_and_hyper_appends_answer_alike() {
+    let ct = "content-type: application/octet-stream\r\n";
+    let json = "content-type: application/json\r\n";
+    let cases = [
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: ct,
+            body: b"one;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}?x=1",
+            headers: &format!("{ct}x-request-id: client-id-1\r\n"),
+            body: b"two;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}x-request-id: has space\r\n"),
+            body: b"three;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}origin: https://app.example\r\n"),
+            body: b"four;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}origin: https://other.example\r\n"),
+            body: b"five;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: ct,
+            body: b"",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: "",
+            body: b"no type",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: "content-type: text/plain\r\n",
+            body: b"wrong type",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: 0\r\nproducer-seq: 0\r\n"),
+            body: b"p0;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: 0\r\nproducer-seq: 0\r\n"),
+            body: b"p0;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: 0\r\nproducer-seq: 5\r\n"),
+            body: b"gap",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: 1\r\nproducer-seq: 0\r\n"),
+            body: b"p1;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: 0\r\nproducer-seq: 1\r\n"),
+            body: b"stale",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: x\r\nproducer-seq: 1\r\n"),
+            body: b"bad",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\n"),
+            body: b"partial",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!(
+                "{ct}producer-id: caf\u{e9}\r\nproducer-epoch: 0\r\nproducer-seq: 0\r\n"
+            ),
+            body: b"obs",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}stream-seq: b\r\n"),
+            body: b"seq-b;",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}stream-seq: a\r\n"),
+            body: b"seq-a",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: ct,
+            body: &[b'L'; 1500],
+        },
+        AppendCase {
+            target: "/v1/stream/{S}-missing",
+            headers: ct,
+            body: b"x",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}-json",
+            headers: json,
+            body: br#"[{"a":1},{"b":"],"}]"#,
+        },
+        AppendCase {
+            target: "/v1/stream/{S}-json",
+            headers: json,
+            body: b"[]",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}-json",
+            headers: json,
+            body: b"{\"a\":",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}-json",
+            headers: json,
+            body: b"7",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: "stream-closed: true\r\n",
+            body: b"",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: "stream-closed: true\r\n",
+            body: b"",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: ct,
+            body: b"after close",
+        },
+        AppendCase {
+            target: "/v1/stream/{S}",
+            headers: &format!("{ct}producer-id: p\r\nproducer-epoch: 1\r\nproducer-seq: 1\r\n"),
+            body: b"closed",
+        },
+        AppendCase {
+            target: "/v1/stream/__ds/x{S}",
+            headers: ct,
+            body: b"reserved",
+        },
+        AppendCase {
+            target: "/other/{S}",
+            headers: ct,
+            body: b"outside",
+        },
+        AppendCase {
+            target: "/v1/stream/a//{S}",
+            headers: ct,
+            body: b"empty segment",
+        },
+    ];
+    let dir = DataDir::new("alike");
+    std::fs::create_dir_all(dir.arg()).unwrap();
+    let cfg = std::path::Path::new(dir.arg()).join("cors.toml");
+    std::fs::write(
+        &cfg,
+        "[cors]\nallowed_origins = [\"https://app.example\"]\n",
+    )
+    .unwrap();
+    let data = std::path::Path::new(dir.arg()).join("data");
+    let servers = [
+        ServerProc::start(&["--max-append-bytes", "1000"]),
+        ServerProc::start(&[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--max-append-bytes",
+            "1000",
+        ]),
+    ];
+    for srv in &servers {
+        let mut setup = Conn::open(srv.addr).await;
+        for s in ["via-compact", "via-hyper"] {
+            create_with(&mut setup, &format!("/v1/stream/{s}"), b"").await;
+            let r = setup
+                .request("PUT", &format!("/v1/stream/{s}-json"), json, &[])
+                .await;
+            assert_eq!(r.status, 201);
+        }
+        let mut hyper = Conn::open(srv.addr).await;
+        let r = hyper
+            .request("OPTIONS", "/v1/stream/via-hyper", "", &[])
+            .await;
+        assert_eq!(r.status, 204);
+        let mut compact = Conn::open(srv.addr).await;
+        for case in &cases {
+            let via_compact = answer(&mut compact, case, "via-compact").await;
+            let via_hyper = answer(&mut hyper, case, "via-hyper").await;
+            assert_eq!(
+                via_compact, via_hyper,
+                "POST {} {:?}: compact (left) and hyper (right) differ",
+                case.target, case.headers
+            );
+        }
+        for s in ["via-compact", "via-compact-json"] {
+            let (a, _, _) = read_all(&mut setup, &format!("/v1/stream/{s}"), "").await;
+            let h = s.replace("compact", "hyper");
+            let (b, _, _) = read_all(&mut setup, &format!("/v1/stream/{h}"), "").await;
+            assert_eq!(a, b, "{s} and {h} hold different bytes");
+            assert!(!a.is_empty());
+        }
+    }
+}
+
+/// `Connection: close` on a compact append is answered with
+/// `Connection: close`, and the server then closes; the append landed.
+#[tokio::test]
+async fn compact_append_honours_connection_close() {
+    let srv = ServerProc::start(&[]);
+    let mut c = Conn::open(srv.addr).await;
+    create_with(&mut c, "/v1/stream/cc", b"").await;
+    let mut c = Conn::open(srv.addr).await;
+    let r = c
+        .request(
+            "POST",
+            "/v1/stream/cc",
+            "content-type: application/octet-stream\r\nconnection: close\r\n",
+            b"last",
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed().await, "server closes after Connection: close");
+    let mut c = Conn::open(srv.addr).await;
+    let (got, _, _) = read_all(&mut c, "/v1/stream/cc", "").await;
+    assert_eq!(got, b"last");
+}
