@@ -218,12 +218,15 @@ pub(crate) async fn respond(
         append_body(state, &stream_path, input, body, None).await
     };
     // An error is rendered inside the request's span, as the handler's are.
-    let result = async { result.await.map_err(IntoResponse::into_response) }
-        .instrument(tracing::debug_span!(
-            "request",
-            request_id = request_id_text
-        ))
-        .await;
+    let result = async { result.await.map_err(IntoResponse::into_response) };
+    // The span is at debug level: off by default, and then not entered at
+    // every poll.
+    let span = tracing::debug_span!("request", request_id = request_id_text);
+    let result = if span.is_disabled() {
+        result.await
+    } else {
+        result.instrument(span).await
+    };
     // As `dispatch_request`: appends without a close are timed.
     let op = if fields.closes() {
         Operation::Close

@@ -233,8 +233,8 @@ async fn create(
 
 /// Splits a body into stored records: one per JSON message in JSON mode
 /// (validated, flattened one level), otherwise the body as one record.
-/// The records of an append's body: the body itself, or its JSON
-/// messages framed. `owned`: the body as `Bytes`, when the caller has it.
+/// `owned`: the body as `Bytes`, when the caller has it (a large body is
+/// then stored without a copy).
 fn frame_body(
     body: &[u8],
     owned: Option<&Bytes>,

@@ -145,11 +145,12 @@ impl Stream {
     }
 
     fn publish(&self, st: &State) {
-        self.signal.send_replace(Signal {
+        Signal {
             tail: Offset(st.tail),
             closed: st.w.closed,
             gone: st.removed,
-        });
+        }
+        .publish(&self.signal);
     }
 }
 

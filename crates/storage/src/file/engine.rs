@@ -250,11 +250,12 @@ impl FStream {
     }
 
     fn publish(&self, st: &PState) {
-        self.signal.send_replace(Signal {
+        Signal {
             tail: Offset(st.durable_tail),
             closed: st.durable_closed,
             gone: st.removed || st.detached,
-        });
+        }
+        .publish(&self.signal);
     }
 }
 
@@ -342,6 +343,26 @@ fn io_err(e: io::Error) -> StorageError {
 
 fn is_expired(st: &PState, now_ms: u64) -> bool {
     expires_at_ms(&st.expiry, st.last_access_ms).is_some_and(|t| now_ms >= t)
+}
+
+/// Feeds `parts` (consecutive bytes from offset `at`) to `sc`, from offset
+/// `from` on; the last JSON message boundary it reports, if any. `sc` keeps
+/// its state, so a scan can go on past the parts.
+fn last_boundary(sc: &mut BoundaryScanner, parts: &[Bytes], mut at: u64, from: u64) -> Option<u64> {
+    let mut last = None;
+    for d in parts {
+        let d_end = at + d.len() as u64;
+        if d_end > from {
+            let skip = from.saturating_sub(at) as usize;
+            let base = at + skip as u64;
+            sc.feed(&d[skip..], |i| {
+                last = Some(base + i as u64);
+                true
+            });
+        }
+        at = d_end;
+    }
+    last
 }
 
 fn wal_name(seq: u64) -> String {
@@ -819,8 +840,6 @@ impl Inner {
         Ok(())
     }
 
-    /// For JSON streams: the end of the `n`-th message after `from`, reading
-    /// no further than `tail`. `None` when fewer messages exist.
     /// The last JSON message boundary in `(start, end]`, scanning only from
     /// the nearest sparse-index mark at or before `end` (at most
     /// `JSON_MARK_SPACING` bytes, plus one message). `None` when the range
@@ -838,19 +857,13 @@ impl Inner {
             let mut parts = Vec::new();
             self.read_range(s, from, end, &mut parts)?;
             let mut sc = BoundaryScanner::default();
-            let mut base = from;
-            for p in parts {
-                let b = base;
-                sc.feed(&p, |i| {
-                    last = Some(b + i as u64);
-                    true
-                });
-                base += p.len() as u64;
-            }
+            last = last_boundary(&mut sc, &parts, from, from).or(last);
         }
         Ok(last)
     }
 
+    /// For JSON streams: the end of the `n`-th message after `from`, reading
+    /// no further than `tail`. `None` when fewer messages exist.
     fn json_advance(
         &self,
         s: &Arc<FStream>,
@@ -2026,20 +2039,8 @@ impl Engine for FileEngine {
                 // the sparse index) so at most ~16 KiB is scanned per read.
                 let from = hint.filter(|h| *h > start && *h <= end).unwrap_or(start);
                 let mut sc = BoundaryScanner::default();
-                let mut last = (from > start).then_some(from);
-                let mut at = start;
-                for d in &data {
-                    let d_end = at + d.len() as u64;
-                    if d_end > from {
-                        let skip = from.saturating_sub(at) as usize;
-                        let base = at + skip as u64;
-                        sc.feed(&d[skip..], |i| {
-                            last = Some(base + i as u64);
-                            true
-                        });
-                    }
-                    at = d_end;
-                }
+                let last =
+                    last_boundary(&mut sc, &data, start, from).or((from > start).then_some(from));
                 match last {
                     Some(cut) => end = cut,
                     None => {
