@@ -34,57 +34,66 @@ pub struct Record {
     pub metrics: BTreeMap<String, f64>,
 }
 
-struct Args {
-    map: BTreeMap<String, String>,
-    flags: Vec<String>,
+/// Load generator and benchmark driver for Durable Streams servers.
+#[derive(clap::Parser, Debug)]
+#[command(name = "ds-bench", version)]
+enum Cli {
+    /// Runs workloads against servers; one JSON line per run to the results file.
+    Run(RunArgs),
+    /// Turns a results file into docs/benchmarks.md and its SVG chart.
+    Report(report::ReportArgs),
 }
 
-fn parse_args(a: &[String]) -> Result<Args> {
-    let mut map = BTreeMap::new();
-    let mut flags = Vec::new();
-    let mut i = 0;
-    while i < a.len() {
-        let k = a[i]
-            .strip_prefix("--")
-            .ok_or_else(|| anyhow!("unexpected argument {}", a[i]))?;
-        if k == "smoke" {
-            flags.push(k.to_string());
-            i += 1;
-        } else {
-            let v = a.get(i + 1).ok_or_else(|| anyhow!("--{k} needs a value"))?;
-            map.insert(k.to_string(), v.clone());
-            i += 2;
-        }
-    }
-    Ok(Args { map, flags })
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Our server binary (`durable-streams-server`).
+    #[arg(long, value_name = "BIN")]
+    ours: PathBuf,
+    /// The upstream Rust server's binary.
+    #[arg(long, value_name = "BIN")]
+    upstream: Option<PathBuf>,
+    /// Directory with the Node reference server installed (node_modules).
+    #[arg(long, value_name = "DIR")]
+    node_dir: Option<PathBuf>,
+    /// Servers, comma-separated: ours-mem ours-file upstream-mem upstream-wal
+    /// node-mem node-file (default: all; ours only with --smoke).
+    #[arg(long, value_name = "LIST")]
+    servers: Option<String>,
+    /// Workload name prefixes, comma-separated: append-16-streams
+    /// append-16-hot append-256-streams append-256-hot producer-seq
+    /// producer-pipe4 catchup replay fanout-sse fanout-longpoll idle-sse
+    /// streams (default: all).
+    #[arg(long, value_name = "LIST")]
+    workloads: Option<String>,
+    /// Rounds per workload and server (default 3; 1 with --smoke).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds of measurement per run.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Small sizes, to check that everything runs and verifies, not speed.
+    #[arg(long)]
+    smoke: bool,
+    /// CPUs the servers are pinned to (`taskset -c` list).
+    #[arg(long, value_name = "LIST")]
+    server_cpus: Option<String>,
+    /// Data directories and logs go here.
+    #[arg(long, value_name = "DIR", default_value = "target/bench")]
+    work_dir: PathBuf,
+    /// Results file (default: WORK_DIR/results.jsonl); appended to.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
-
-const USAGE: &str = "usage:
-  ds-bench run --ours BIN [--upstream BIN] [--node-dir DIR] [--servers a,b,..] [--workloads p,..]
-               [--rounds N] [--secs S] [--smoke] [--server-cpus LIST] [--work-dir DIR] [--out FILE]
-  ds-bench report --results FILE --md FILE --svg FILE [--command STR] [--conditions STR] [--notes FILE] [--work-dir DIR]
-servers: ours-mem ours-file upstream-mem upstream-wal node-mem node-file
-workloads (prefixes): append-16-streams append-16-hot append-256-streams append-256-hot producer-seq
-  producer-pipe4 catchup replay fanout-sse fanout-longpoll idle-sse streams";
 
 fn main() -> Result<()> {
+    let cli = <Cli as clap::Parser>::parse();
     raise_nofile();
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let Some(cmd) = argv.first() else {
-        eprintln!("{USAGE}");
-        std::process::exit(2);
-    };
-    let args = parse_args(&argv[1..])?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    match cmd.as_str() {
-        "run" => rt.block_on(run(args)),
-        "report" => rt.block_on(report::report(&args.map)),
-        _ => {
-            eprintln!("{USAGE}");
-            std::process::exit(2);
-        }
+    match cli {
+        Cli::Run(args) => rt.block_on(run(args)),
+        Cli::Report(args) => rt.block_on(report::report(&args)),
     }
 }
 
@@ -97,17 +106,15 @@ fn raise_nofile() {
     }
 }
 
-async fn run(args: Args) -> Result<()> {
-    let smoke = args.flags.iter().any(|f| f == "smoke");
-    let get = |k: &str| args.map.get(k).cloned();
-    let ours = PathBuf::from(get("ours").ok_or_else(|| anyhow!("--ours BIN is required"))?);
+async fn run(args: RunArgs) -> Result<()> {
+    let smoke = args.smoke;
     let bins = Binaries {
-        ours,
-        upstream: get("upstream").map(PathBuf::from),
-        node_dir: get("node-dir").map(PathBuf::from),
-        server_cpus: get("server-cpus"),
+        ours: args.ours,
+        upstream: args.upstream,
+        node_dir: args.node_dir,
+        server_cpus: args.server_cpus,
     };
-    let servers: Vec<Kind> = match get("servers") {
+    let servers: Vec<Kind> = match args.servers {
         Some(s) => s
             .split(',')
             .filter(|x| !x.is_empty())
@@ -116,7 +123,7 @@ async fn run(args: Args) -> Result<()> {
         None if smoke => vec![Kind::OursMem, Kind::OursFile],
         None => servers::ALL.to_vec(),
     };
-    let variants: Vec<&str> = match get("workloads") {
+    let variants: Vec<&str> = match &args.workloads {
         Some(w) => {
             let pre: Vec<&str> = w.split(',').filter(|x| !x.is_empty()).collect();
             VARIANTS
@@ -130,21 +137,15 @@ async fn run(args: Args) -> Result<()> {
     if variants.is_empty() {
         bail!("no workload matches");
     }
-    let rounds: usize = get("rounds")
-        .map(|r| r.parse())
-        .transpose()?
-        .unwrap_or(if smoke { 1 } else { 3 });
-    let secs: f64 = get("secs").map(|r| r.parse()).transpose()?.unwrap_or(5.0);
+    let rounds = args.rounds.unwrap_or(if smoke { 1 } else { 3 });
     let scale = if smoke {
         Scale::smoke()
     } else {
-        Scale::full(secs)
+        Scale::full(args.secs)
     };
-    let work = PathBuf::from(get("work-dir").unwrap_or_else(|| "target/bench".into()));
+    let work = args.work_dir;
     std::fs::create_dir_all(work.join("logs"))?;
-    let out = PathBuf::from(
-        get("out").unwrap_or_else(|| work.join("results.jsonl").to_string_lossy().to_string()),
-    );
+    let out = args.out.unwrap_or_else(|| work.join("results.jsonl"));
     let mut outf = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
