@@ -77,6 +77,13 @@ struct Link {
     glob: bool,
     explicit: bool,
     acked: u64,
+    /// `acked` when a create of this path began ([`Subscriptions::stream_creating`]).
+    /// The create's [`Subscriptions::stream_created`] resets the cursor
+    /// only if no ack moved it since: an ack in between was for the new
+    /// stream's own data, delivered while the create was finishing. Not
+    /// persisted (a crash in between leaves the cursor as it was).
+    #[serde(skip)]
+    acked_before_create: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -345,7 +352,9 @@ impl Subscriptions {
     }
 
     /// Called after a stream was created anew (201): any cursor left from a
-    /// deleted or expired stream at this path starts over at 0.
+    /// deleted or expired stream at this path starts over at 0, unless an
+    /// ack moved it since [`Subscriptions::stream_creating`] (that ack was
+    /// for the new stream's own data).
     pub fn stream_created(&self, path: &str) {
         self.link_matching(path, true);
     }
@@ -383,9 +392,14 @@ impl Subscriptions {
                 .is_some_and(|p| glob_matches(p, path));
             if let Some(l) = s.links.get_mut(path) {
                 l.glob |= matches;
-                if reset && l.acked != 0 {
-                    l.acked = 0;
-                    touched.push(s.id.clone());
+                if reset {
+                    let before = l.acked_before_create.take();
+                    if l.acked != 0 && before.is_none_or(|b| b == l.acked) {
+                        l.acked = 0;
+                        touched.push(s.id.clone());
+                    }
+                } else {
+                    l.acked_before_create = Some(l.acked);
                 }
             } else if matches {
                 s.links.insert(
@@ -394,6 +408,7 @@ impl Subscriptions {
                         glob: true,
                         explicit: false,
                         acked: 0,
+                        acked_before_create: (!reset).then_some(0),
                     },
                 );
                 touched.push(s.id.clone());
@@ -602,6 +617,7 @@ impl Subscriptions {
                             glob: true,
                             explicit: false,
                             acked: tail,
+                            acked_before_create: None,
                         },
                     );
                 }
@@ -615,6 +631,7 @@ impl Subscriptions {
                     glob: false,
                     explicit: true,
                     acked: tail,
+                    acked_before_create: None,
                 })
                 .explicit = true;
         }
@@ -712,6 +729,7 @@ impl Subscriptions {
                     glob: false,
                     explicit: true,
                     acked: tail,
+                    acked_before_create: None,
                 })
                 .explicit = true;
         }
@@ -1245,6 +1263,52 @@ fn write_durably(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A create resets a cursor left at its path by an earlier stream, but
+    /// keeps one an ack moved while the create was finishing (the new
+    /// stream's own data, delivered between the engine's create and
+    /// `stream_created`): resetting that re-delivered it.
+    #[tokio::test]
+    async fn a_create_keeps_acks_of_its_own_data() {
+        let engine: Arc<dyn Engine> = Arc::new(durable_streams_storage::MemoryEngine::new());
+        let subs = Subscriptions::open(engine, None).unwrap();
+        let config =
+            br#"{"type":"webhook","pattern":"p/*","webhook":{"url":"http://127.0.0.1:9/h"}}"#;
+        let (status, body) = subs.put("s", config, "http://x".into()).await;
+        assert_eq!(status, 201, "{body:?}");
+        let acked = |path: &str| subs.reg.lock().subs["s"].links.get(path).map(|l| l.acked);
+        let ack = |path: &str, to: u64| {
+            if let Some(l) = subs
+                .reg
+                .lock()
+                .subs
+                .get_mut("s")
+                .unwrap()
+                .links
+                .get_mut(path)
+            {
+                l.acked = l.acked.max(to);
+            }
+        };
+        // A new path, acked during its create.
+        subs.stream_creating("p/a");
+        ack("p/a", 8);
+        subs.stream_created("p/a");
+        assert_eq!(acked("p/a"), Some(8));
+        // A cursor left by an earlier stream, nothing acked during the create.
+        subs.stream_creating("p/b");
+        ack("p/b", 100);
+        subs.stream_created("p/b"); // the earlier stream's acks stand
+        subs.stream_creating("p/b");
+        subs.stream_created("p/b");
+        assert_eq!(acked("p/b"), Some(0));
+        // A stale cursor below the new stream's data, which is acked during the create.
+        ack("p/b", 5);
+        subs.stream_creating("p/b");
+        ack("p/b", 8);
+        subs.stream_created("p/b");
+        assert_eq!(acked("p/b"), Some(8));
+    }
 
     #[test]
     fn globs() {
