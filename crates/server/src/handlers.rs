@@ -762,9 +762,41 @@ fn body_of(chunk: &ReadChunk) -> Body {
     match parts.len() {
         0 => Body::empty(),
         1 => Body::from(parts.pop().unwrap_or_default()),
-        // Few or large records are streamed as they are.
-        _ => Body::from_stream(futures_util::stream::iter(
-            parts.into_iter().map(Ok::<_, std::convert::Infallible>),
-        )),
+        // Few or large records are sent as they are, framed by their length.
+        _ => Body::new(PartsBody {
+            remaining: parts.iter().map(|p| p.len() as u64).sum(),
+            parts: parts.into(),
+        }),
+    }
+}
+
+/// A response body of a few buffers sent in turn, its length known up
+/// front (so it is framed with `Content-Length`, not chunked).
+struct PartsBody {
+    parts: std::collections::VecDeque<Bytes>,
+    remaining: u64,
+}
+
+impl http_body::Body for PartsBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let next = self.parts.pop_front();
+        if let Some(part) = &next {
+            self.remaining -= part.len() as u64;
+        }
+        std::task::Poll::Ready(next.map(|p| Ok(http_body::Frame::data(p))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
     }
 }
