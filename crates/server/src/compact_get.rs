@@ -18,7 +18,10 @@
 //! [`ZeroCopy`]; a handler that can leaves the bytes in the file and puts a
 //! [`FileBody`] on the response, which is sent here with `sendfile`; any
 //! other response is written as it is (small ones in one write with the
-//! head). The connection stays here while its requests qualify; the first
+//! head). Appends are usually answered by [`crate::compact_append`]
+//! without building a request at all; they come here when authentication or
+//! a rate limit is configured, or their target is unusual. The connection
+//! stays here while its requests qualify; the first
 //! one that does not (another method, pipelining, a chunked or larger body,
 //! `Expect`, h2c) is replayed to hyper with the bytes already read, and
 //! hyper serves the rest of the connection.
@@ -202,7 +205,7 @@ static PROTOCOL_NAMES: std::sync::LazyLock<Vec<http::HeaderName>> =
     });
 
 /// A request header's name, without allocating for the protocol's own.
-pub(crate) fn header_name(name: &str) -> Option<http::HeaderName> {
+fn header_name(name: &str) -> Option<http::HeaderName> {
     if let Some(known) = PROTOCOL_NAMES
         .iter()
         .find(|n| n.as_str().eq_ignore_ascii_case(name))
@@ -216,7 +219,7 @@ pub(crate) fn header_name(name: &str) -> Option<http::HeaderName> {
 /// none, several, or one hyper should judge, and with chunked coding, an
 /// upgrade or an `Expect` (a client waiting for `100 Continue` must not be
 /// waited for here).
-pub(crate) fn content_length(parsed: &httparse::Request<'_, '_>) -> Option<usize> {
+fn content_length(parsed: &httparse::Request<'_, '_>) -> Option<usize> {
     let mut length = None;
     for h in parsed.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding")
