@@ -102,33 +102,29 @@ pub(crate) fn parse(
         origin: None,
         close: false,
     };
-    for h in parsed.headers.iter() {
-        let name = h.name;
-        let slot = if name.eq_ignore_ascii_case("content-type") {
-            &mut head.content_type
-        } else if name.eq_ignore_ascii_case(durable_streams_protocol::headers::PRODUCER_ID) {
-            &mut head.producer_id
-        } else if name.eq_ignore_ascii_case(durable_streams_protocol::headers::PRODUCER_EPOCH) {
-            &mut head.producer_epoch
-        } else if name.eq_ignore_ascii_case(durable_streams_protocol::headers::PRODUCER_SEQ) {
-            &mut head.producer_seq
-        } else if name.eq_ignore_ascii_case(durable_streams_protocol::headers::STREAM_SEQ) {
-            &mut head.stream_seq
-        } else if name.eq_ignore_ascii_case(durable_streams_protocol::headers::STREAM_CLOSED) {
-            &mut head.stream_closed
-        } else if name.eq_ignore_ascii_case(durable_streams_protocol::headers::REQUEST_ID) {
-            &mut head.request_id
-        } else if name.eq_ignore_ascii_case("origin") {
-            &mut head.origin
-        } else {
-            if name.eq_ignore_ascii_case("connection") {
-                head.close |= compact_get::connection_close(h.value);
+    use durable_streams_protocol::headers as h;
+    // The headers the append reads, and where the first value of each goes
+    // (as `HeaderMap::get` gives).
+    let mut slots: [(&str, &mut Option<Span>); 8] = [
+        ("content-type", &mut head.content_type),
+        (h::PRODUCER_ID, &mut head.producer_id),
+        (h::PRODUCER_EPOCH, &mut head.producer_epoch),
+        (h::PRODUCER_SEQ, &mut head.producer_seq),
+        (h::STREAM_SEQ, &mut head.stream_seq),
+        (h::STREAM_CLOSED, &mut head.stream_closed),
+        (h::REQUEST_ID, &mut head.request_id),
+        ("origin", &mut head.origin),
+    ];
+    for field in parsed.headers.iter() {
+        if let Some((_, slot)) = slots
+            .iter_mut()
+            .find(|(name, _)| name.eq_ignore_ascii_case(field.name))
+        {
+            if slot.is_none() {
+                **slot = Some(span(field.value)?);
             }
-            continue;
-        };
-        // The first of a name, as `HeaderMap::get` gives.
-        if slot.is_none() {
-            *slot = Some(span(h.value)?);
+        } else if field.name.eq_ignore_ascii_case("connection") {
+            head.close |= compact_get::connection_close(field.value);
         }
     }
     Some(head)
