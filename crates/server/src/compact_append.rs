@@ -64,12 +64,7 @@ impl Span {
 pub(crate) struct AppendHead {
     target: Span,
     body: Span,
-    content_type: Option<Span>,
-    producer_id: Option<Span>,
-    producer_epoch: Option<Span>,
-    producer_seq: Option<Span>,
-    stream_seq: Option<Span>,
-    stream_closed: Option<Span>,
+    fields: AppendHeaders<Span>,
     request_id: Option<Span>,
     origin: Option<Span>,
     /// The request asked to close the connection after it.
@@ -92,27 +87,25 @@ pub(crate) fn parse(
     let mut head = AppendHead {
         target: span(target.as_bytes())?,
         body: span(buf.get(head_len..)?)?,
-        content_type: None,
-        producer_id: None,
-        producer_epoch: None,
-        producer_seq: None,
-        stream_seq: None,
-        stream_closed: None,
+        fields: AppendHeaders::none(),
         request_id: None,
         origin: None,
         close: false,
     };
-    use durable_streams_protocol::headers as h;
     // The headers the append reads, and where the first value of each goes
     // (as `HeaderMap::get` gives).
+    let [a, b, c, d, e, f] = head.fields.by_name();
     let mut slots: [(&str, &mut Option<Span>); 8] = [
-        ("content-type", &mut head.content_type),
-        (h::PRODUCER_ID, &mut head.producer_id),
-        (h::PRODUCER_EPOCH, &mut head.producer_epoch),
-        (h::PRODUCER_SEQ, &mut head.producer_seq),
-        (h::STREAM_SEQ, &mut head.stream_seq),
-        (h::STREAM_CLOSED, &mut head.stream_closed),
-        (h::REQUEST_ID, &mut head.request_id),
+        a,
+        b,
+        c,
+        d,
+        e,
+        f,
+        (
+            durable_streams_protocol::headers::REQUEST_ID,
+            &mut head.request_id,
+        ),
         ("origin", &mut head.origin),
     ];
     for field in parsed.headers.iter() {
@@ -185,14 +178,7 @@ pub(crate) async fn respond(
     };
     let started = std::time::Instant::now();
     let field = |s: Option<Span>| s.map(|s| s.get(buf));
-    let fields = AppendHeaders {
-        content_type: field(head.content_type),
-        producer_id: field(head.producer_id),
-        producer_epoch: field(head.producer_epoch),
-        producer_seq: field(head.producer_seq),
-        stream_seq: field(head.stream_seq),
-        stream_closed: field(head.stream_closed),
-    };
+    let fields = head.fields.map(|s| s.get(buf));
     let mut generated = [0u8; layers::GENERATED_ID_MAX_LEN];
     let request_id = match field(head.request_id) {
         Some(id) if layers::is_sane_request_id_bytes(id) => id,
@@ -326,10 +312,10 @@ X-Request-Id: abc\r\nConnection: keep-alive, close\r\nContent-Length: 3\r\n\r\nx
         let h = head_of(raw).unwrap();
         assert_eq!(h.target.get(raw), b"/v1/stream/a?x=1");
         assert_eq!(h.body.get(raw), b"xyz");
-        assert_eq!(h.content_type.unwrap().get(raw), b"text/plain");
-        assert_eq!(h.producer_seq.unwrap().get(raw), b"7");
+        assert_eq!(h.fields.content_type.unwrap().get(raw), b"text/plain");
+        assert_eq!(h.fields.producer_seq.unwrap().get(raw), b"7");
         assert_eq!(h.request_id.unwrap().get(raw), b"abc");
-        assert!(h.stream_closed.is_none() && h.origin.is_none());
+        assert!(h.fields.stream_closed.is_none() && h.origin.is_none());
         assert!(h.close);
     }
 

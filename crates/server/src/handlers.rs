@@ -285,31 +285,64 @@ async fn append(
     Ok(resp)
 }
 
-/// The request headers an append reads, as raw values (the first of each
-/// name, as `HeaderMap::get` gives): taken from hyper's `HeaderMap` or
-/// straight from a parsed head ([`crate::compact_append`]), then judged by
-/// the same [`AppendInput::parse`].
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct AppendHeaders<'a> {
-    pub(crate) content_type: Option<&'a [u8]>,
-    pub(crate) producer_id: Option<&'a [u8]>,
-    pub(crate) producer_epoch: Option<&'a [u8]>,
-    pub(crate) producer_seq: Option<&'a [u8]>,
-    pub(crate) stream_seq: Option<&'a [u8]>,
-    pub(crate) stream_closed: Option<&'a [u8]>,
+/// The request headers an append reads (the first value of each name, as
+/// `HeaderMap::get` gives): raw values taken from hyper's `HeaderMap`, or
+/// their positions in a parsed head ([`crate::compact_append`]), then
+/// judged by the same [`AppendInput::parse`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AppendHeaders<V> {
+    pub(crate) content_type: Option<V>,
+    pub(crate) producer_id: Option<V>,
+    pub(crate) producer_epoch: Option<V>,
+    pub(crate) producer_seq: Option<V>,
+    pub(crate) stream_seq: Option<V>,
+    pub(crate) stream_closed: Option<V>,
 }
 
-impl<'a> AppendHeaders<'a> {
-    pub(crate) fn from_map(headers: &'a HeaderMap) -> Self {
-        let get = |name: &str| headers.get(name).map(HeaderValue::as_bytes);
+impl<V> AppendHeaders<V> {
+    pub(crate) fn none() -> Self {
         AppendHeaders {
-            content_type: get("content-type"),
-            producer_id: get(h::PRODUCER_ID),
-            producer_epoch: get(h::PRODUCER_EPOCH),
-            producer_seq: get(h::PRODUCER_SEQ),
-            stream_seq: get(h::STREAM_SEQ),
-            stream_closed: get(h::STREAM_CLOSED),
+            content_type: None,
+            producer_id: None,
+            producer_epoch: None,
+            producer_seq: None,
+            stream_seq: None,
+            stream_closed: None,
         }
+    }
+
+    /// Each field with its header's name: the one list of what an append
+    /// reads.
+    pub(crate) fn by_name(&mut self) -> [(&'static str, &mut Option<V>); 6] {
+        [
+            ("content-type", &mut self.content_type),
+            (h::PRODUCER_ID, &mut self.producer_id),
+            (h::PRODUCER_EPOCH, &mut self.producer_epoch),
+            (h::PRODUCER_SEQ, &mut self.producer_seq),
+            (h::STREAM_SEQ, &mut self.stream_seq),
+            (h::STREAM_CLOSED, &mut self.stream_closed),
+        ]
+    }
+
+    pub(crate) fn map<W>(self, f: impl Fn(V) -> W) -> AppendHeaders<W> {
+        AppendHeaders {
+            content_type: self.content_type.map(&f),
+            producer_id: self.producer_id.map(&f),
+            producer_epoch: self.producer_epoch.map(&f),
+            producer_seq: self.producer_seq.map(&f),
+            stream_seq: self.stream_seq.map(&f),
+            stream_closed: self.stream_closed.map(&f),
+        }
+    }
+}
+
+impl<'a> AppendHeaders<&'a [u8]> {
+    pub(crate) fn from_map(headers: &'a HeaderMap) -> Self {
+        let mut hs = AppendHeaders::none();
+        for (name, slot) in hs.by_name() {
+            *slot = headers.get(name).map(HeaderValue::as_bytes);
+        }
+        hs
     }
 
     /// True when the append closes the stream (the `close` metrics label).
@@ -327,7 +360,7 @@ pub(crate) struct AppendInput {
 }
 
 impl AppendInput {
-    pub(crate) fn parse(hs: &AppendHeaders<'_>) -> Result<Self, ApiError> {
+    pub(crate) fn parse(hs: &AppendHeaders<&[u8]>) -> Result<Self, ApiError> {
         let text = request::header_text;
         Ok(AppendInput {
             close: hs.closes(),
