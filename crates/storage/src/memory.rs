@@ -6,8 +6,11 @@
 //! contend; appends to one stream (and, within it, each idempotent producer)
 //! are serialised by that stream's mutex, which is what the spec requires.
 //!
-//! Data is kept as one immutable `Bytes` per record, so reads hand out
-//! reference-counted slices and never copy stream data.
+//! Data is kept as one immutable block per append (a JSON append of many
+//! messages is one block with the end of each message beside it), so a read
+//! hands out reference-counted slices of whole or partial blocks and copies
+//! only small blocks; a replay of many messages appended in batches costs a
+//! few slices per response, not a step per message.
 //!
 //! Forks hold an `Arc` to their source: the source's bytes below the fork
 //! offset are immutable, so a fork reads them directly. A source that is
@@ -117,8 +120,8 @@ struct Stream {
 
 #[derive(Debug)]
 struct State {
-    /// Own records: (start offset, bytes), contiguous from `base`.
-    records: Vec<(u64, Bytes)>,
+    /// Own data, one block per append, contiguous from `base`.
+    blocks: Vec<Block>,
     tail: u64,
     /// Closure, producers and Stream-Seq.
     w: WriterState,
@@ -129,6 +132,60 @@ struct State {
     fork_refs: u64,
     /// No longer reachable by path (deleted or expired).
     removed: bool,
+}
+
+/// The data of one append (or of a create's initial records).
+#[derive(Debug)]
+struct Block {
+    /// Stream offset of the first byte.
+    start: u64,
+    bytes: Bytes,
+    /// JSON streams: the end of each message, relative to `start`, ascending;
+    /// the last is `bytes.len()`. Empty for other streams (any byte offset
+    /// is a boundary there).
+    ends: Box<[u64]>,
+}
+
+impl Block {
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+}
+
+/// Appends `records` to `blocks` as one block and returns the new tail. A
+/// single record is kept as it is; several are copied into one buffer, once,
+/// so that reads never step through them one by one.
+fn push_records(blocks: &mut Vec<Block>, json: bool, tail: u64, records: &[Bytes]) -> u64 {
+    let mut records = records.iter().filter(|r| !r.is_empty());
+    let Some(first) = records.next() else {
+        return tail;
+    };
+    // Message ends are kept for JSON streams only.
+    let mut ends = Vec::new();
+    let bytes = if records.clone().next().is_none() {
+        if json {
+            ends.push(first.len() as u64);
+        }
+        first.clone()
+    } else {
+        let all = std::iter::once(first).chain(records);
+        let mut buf = Vec::with_capacity(all.clone().map(|r| r.len()).sum());
+        for r in all {
+            buf.extend_from_slice(r);
+            if json {
+                ends.push(buf.len() as u64);
+            }
+        }
+        Bytes::from(buf)
+    };
+    let block = Block {
+        start: tail,
+        bytes,
+        ends: ends.into(),
+    };
+    let tail = block.end();
+    blocks.push(block);
+    tail
 }
 
 impl Stream {
@@ -188,51 +245,49 @@ fn collect(
     if from >= upto {
         return Ok(from);
     }
-    let mut idx = st
-        .records
-        .partition_point(|(start, b)| start + b.len() as u64 <= from);
-    // Small records are copied into one buffer instead of returned as a
-    // handle each: a JSON replay reads ten thousand ~100-byte messages per
-    // response, and a handle each cost two reference-count updates, a list
-    // entry and a later copy (the memory engine's replay used ~5x upstream's
-    // CPU per event).
+    let mut idx = st.blocks.partition_point(|b| b.end() <= from);
+    // Small blocks are copied into one buffer instead of returned as a
+    // handle each: a handle costs two reference-count updates, a list entry
+    // and a later copy, which for ~100-byte messages appended one by one is
+    // most of a replay's CPU.
     let mut run: Vec<u8> = Vec::new();
-    while idx < st.records.len() && from < upto && budget.records > 0 {
-        let (start, bytes) = &st.records[idx];
-        // Invariant: records are contiguous, so `start <= from < start + len`.
-        let within = (from - start) as usize;
-        if s.json && within != 0 {
-            return Err(StorageError::OffsetNotAligned);
-        }
-        let end_in_rec = ((upto - start) as usize).min(bytes.len());
-        let available = end_in_rec - within;
+    while idx < st.blocks.len() && from < upto && budget.records > 0 {
+        let block = &st.blocks[idx];
+        // Invariant: blocks are contiguous, so `block.start <= from < block.end()`.
+        let within = (from - block.start) as usize;
+        let limit = ((upto - block.start) as usize).min(block.bytes.len());
         let take = if s.json {
-            if available > budget.bytes && !(out.is_empty() && run.is_empty()) {
-                break;
+            let collected = !(out.is_empty() && run.is_empty());
+            match json_take(&block.ends, within, limit, budget, collected)? {
+                Some((bytes, messages)) => {
+                    budget.records -= messages;
+                    bytes
+                }
+                None => break,
             }
-            available
         } else {
             if budget.bytes == 0 {
                 break;
             }
-            available.min(budget.bytes)
+            budget.records -= 1;
+            (limit - within).min(budget.bytes)
         };
+        let part = &block.bytes[within..within + take];
         if take <= SMALL_RECORD_BYTES {
             if run.capacity() == 0 {
                 run.reserve(budget.bytes.min((upto - from) as usize).min(MAX_RUN_BYTES));
             }
-            run.extend_from_slice(&bytes[within..within + take]);
+            run.extend_from_slice(part);
         } else {
             if !run.is_empty() {
                 out.push(Bytes::from(std::mem::take(&mut run)));
             }
-            out.push(bytes.slice(within..within + take));
+            out.push(block.bytes.slice(within..within + take));
         }
         budget.bytes = budget.bytes.saturating_sub(take);
-        budget.records -= 1;
         from += take as u64;
-        if within + take < bytes.len() {
-            break; // stopped inside this record (budget or `upto`)
+        if within + take < block.bytes.len() {
+            break; // stopped inside this block (budget or `upto`)
         }
         idx += 1;
     }
@@ -242,8 +297,44 @@ fn collect(
     Ok(from)
 }
 
-/// Records up to this size are returned copied into one buffer by
-/// [`collect`]; larger ones as they are stored.
+/// How much of a JSON block a read takes, from `within` (which must be a
+/// message boundary) up to `limit`: whole messages only, within the budget's
+/// bytes and message count, but at least one message when the read has
+/// collected nothing yet (`collected` false) so that it always progresses.
+/// Returns `(bytes, messages)`, or `None` when nothing fits.
+fn json_take(
+    ends: &[u64],
+    within: usize,
+    limit: usize,
+    budget: &Budget,
+    collected: bool,
+) -> Result<Option<(usize, usize)>, StorageError> {
+    let first = if within == 0 {
+        0
+    } else {
+        match ends.binary_search(&(within as u64)) {
+            Ok(k) => k + 1,
+            Err(_) => return Err(StorageError::OffsetNotAligned),
+        }
+    };
+    // Messages `first..below_limit` end at or before `limit`;
+    // `first..in_budget` fit the byte budget.
+    let below_limit = ends.partition_point(|&e| e <= limit as u64);
+    let in_budget = ends.partition_point(|&e| e.saturating_sub(within as u64) <= budget.bytes as u64);
+    let mut stop = below_limit
+        .min(in_budget)
+        .min(first.saturating_add(budget.records));
+    if stop <= first {
+        if collected || below_limit <= first || budget.records == 0 {
+            return Ok(None);
+        }
+        stop = first + 1;
+    }
+    Ok(Some((ends[stop - 1] as usize - within, stop - first)))
+}
+
+/// Parts of blocks up to this size are returned copied into one buffer by
+/// [`collect`]; larger ones as slices of the stored block.
 const SMALL_RECORD_BYTES: usize = 4096;
 /// The most [`collect`] reserves at once for copied records.
 const MAX_RUN_BYTES: usize = 1 << 20;
@@ -362,16 +453,10 @@ impl MemoryEngine {
         source: Option<Arc<Stream>>,
         expiry: Expiry,
     ) -> Arc<Stream> {
-        let mut records = Vec::with_capacity(req.records.len());
-        let mut tail = base;
-        for r in &req.records {
-            if !r.is_empty() {
-                records.push((tail, r.clone()));
-                tail += r.len() as u64;
-            }
-        }
+        let mut blocks = Vec::new();
+        let tail = push_records(&mut blocks, json, base, &req.records);
         let state = State {
-            records,
+            blocks,
             tail,
             w: WriterState {
                 closed: req.closed,
@@ -562,13 +647,8 @@ impl Engine for MemoryEngine {
         }
         // Commit: data, producer state, Stream-Seq and closure together.
         let accepted = st.w.apply(&req);
-        for r in req.records {
-            if !r.is_empty() {
-                let start = st.tail;
-                st.tail += r.len() as u64;
-                st.records.push((start, r));
-            }
-        }
+        let State { blocks, tail, .. } = &mut *st;
+        *tail = push_records(blocks, s.json, *tail, &req.records);
         self.touch(&mut st);
         s.publish(&st);
         Ok(AppendOutcome::Applied {

@@ -7,6 +7,7 @@
 
 use bytes::Bytes;
 use durable_streams_protocol::json::{frame_messages, split_messages, stored_to_array};
+use durable_streams_protocol::Offset;
 use durable_streams_storage::file::sim::SimVfs;
 use durable_streams_storage::*;
 use std::sync::Arc;
@@ -141,5 +142,142 @@ fn file_engine_json_chunks() {
     e.close();
     let e = open(vfs);
     rt.block_on(check(&e, &msgs));
+    e.close();
+}
+
+/// Offsets inside one append of many messages: every message start is a
+/// valid read offset and fork point (with or without a message count past
+/// it), and a fork cut inside the append reads the source's messages before
+/// the cut, then its own. With `checks_alignment`, a read or fork from any
+/// other byte offset is refused (the spec leaves made-up offsets undefined;
+/// the file engine does not check them: it knows boundaries only sparsely).
+async fn offsets_inside_an_append(e: &dyn Engine, checks_alignment: bool) {
+    let msgs: Vec<String> = (0..12).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
+    fill(e, &msgs).await; // batches of 5: 0-4, 5-9, 10-11
+    let whole = e.read("j", ReadFrom::Start, 1 << 20).await.unwrap();
+    let stored: Vec<u8> = whole.data.iter().flat_map(|d| d.iter().copied()).collect();
+    // Message i starts after i stored messages (each framed with a comma).
+    let mut starts = vec![0u64];
+    for (i, b) in stored.iter().enumerate() {
+        if *b == b',' {
+            starts.push(i as u64 + 1);
+        }
+    }
+    starts.pop(); // the end of the last message is the tail, not a start
+    assert_eq!(starts.len(), msgs.len());
+    let parse = |c: &ReadChunk| -> Vec<serde_json::Value> {
+        let stored: Vec<u8> = c.data.iter().flat_map(|d| d.iter().copied()).collect();
+        serde_json::from_slice(&stored_to_array(&stored)).unwrap()
+    };
+    for (i, &at) in starts.iter().enumerate() {
+        let c = e.read("j", ReadFrom::At(Offset(at)), 1 << 20).await.unwrap();
+        let got = parse(&c);
+        assert_eq!(got.len(), msgs.len() - i, "read from message {i}");
+        assert_eq!(got[0], serde_json::json!({ "n": i }), "read from message {i}");
+        if !checks_alignment {
+            continue;
+        }
+        // One byte into the message is not a boundary.
+        let err = e.read("j", ReadFrom::At(Offset(at + 1)), 1 << 20).await;
+        assert!(
+            matches!(err, Err(StorageError::OffsetNotAligned)),
+            "read one byte into message {i}: {err:?}"
+        );
+    }
+    // Forks cut at message 7 (inside the second append): by its offset, by
+    // a message count past the second append's start, and by a count from
+    // the stream's start.
+    for (name, offset, sub_offset) in [("f1", starts[7], 0), ("f2", starts[5], 2), ("f3", 0, 7)] {
+        let spec = ForkSpec {
+            source: "j".into(),
+            offset: Some(Offset(offset)),
+            sub_offset,
+        };
+        e.create(
+            name,
+            CreateRequest {
+                content_type: Some("application/json".into()),
+                json: true,
+                fork: Some(spec),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        e.append(
+            name,
+            AppendRequest {
+                content_type: Some("application/json".into()),
+                records: vec![Bytes::from_static(b"\"own\",")],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // A budget of one byte reads one message at a time.
+        let mut got = Vec::new();
+        let mut from = ReadFrom::Start;
+        loop {
+            let c = e.read(name, from, 1).await.unwrap();
+            let part = parse(&c);
+            assert!(part.len() <= 1, "{name}: a 1-byte budget read {part:?}");
+            got.extend(part);
+            if c.up_to_date() {
+                break;
+            }
+            from = ReadFrom::At(c.next);
+        }
+        let mut want: Vec<serde_json::Value> =
+            (0..7).map(|i| serde_json::json!({ "n": i })).collect();
+        want.push(serde_json::json!("own"));
+        assert_eq!(got, want, "{name}, a message per read");
+        // One read across the cut.
+        let c = e.read(name, ReadFrom::Start, 1 << 20).await.unwrap();
+        assert_eq!(parse(&c), want, "{name}, one read");
+    }
+    if !checks_alignment {
+        return;
+    }
+    // A fork point one byte into a message is refused.
+    let err = e
+        .create(
+            "bad",
+            CreateRequest {
+                content_type: Some("application/json".into()),
+                json: true,
+                fork: Some(ForkSpec {
+                    source: "j".into(),
+                    offset: Some(Offset(starts[6] + 1)),
+                    sub_offset: 0,
+                }),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(err.is_err(), "fork one byte into a message: {err:?}");
+}
+
+/// The memory engine.
+#[tokio::test]
+async fn memory_engine_offsets_inside_an_append() {
+    offsets_inside_an_append(&MemoryEngine::new(), true).await;
+}
+
+/// The file engine.
+#[test]
+fn file_engine_offsets_inside_an_append() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = FileEngine::open_with(
+        "/db",
+        FileOptions::default(),
+        Arc::new(SimVfs::new()),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    rt.block_on(offsets_inside_an_append(&e, false));
     e.close();
 }
