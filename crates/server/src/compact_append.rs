@@ -252,7 +252,7 @@ pub(crate) async fn respond(
             } else {
                 Framing::Length(Some(0))
             };
-            encode_head_end(out, true, framing, head.close);
+            encode_head_end(out, Some(started), framing, head.close);
             let sent = stream.write_all(out).await;
             after(compact_get::finish(stream, sent, head.close, out).await)
         }

@@ -392,12 +392,12 @@ impl Connections {
                 let mut head_buf = Vec::new();
                 // Reused for every compact response head on it.
                 let mut out_buf = Vec::new();
+                let mut waits = compact_sse::HeadWaits::new(HEADER_READ_TIMEOUT, &self.shutdown);
                 loop {
                     let head = compact_sse::read_head(
                         &mut stream,
                         peer,
-                        HEADER_READ_TIMEOUT,
-                        &self.shutdown,
+                        &mut waits,
                         &self.codings,
                         &mut head_buf,
                     )
@@ -405,6 +405,8 @@ impl Connections {
                     match head {
                         compact_sse::Head::Closed => {}
                         compact_sse::Head::Hyper(prefix) => {
+                            // hyper keeps its own timers.
+                            drop(waits);
                             let io = compact_sse::Replay::new(prefix, stream);
                             Box::pin(self.serve_hyper(io, peer, false, watcher)).await
                         }
@@ -451,6 +453,7 @@ impl Connections {
                                 compact_append::After::KeepAlive => continue,
                                 compact_append::After::Close => {}
                                 compact_append::After::Hyper => {
+                                    drop(waits);
                                     let prefix = std::mem::take(&mut head_buf);
                                     let io = compact_sse::Replay::new(prefix, stream);
                                     Box::pin(self.serve_hyper(io, peer, false, watcher)).await

@@ -320,7 +320,8 @@ fn json_take(
     // Messages `first..below_limit` end at or before `limit`;
     // `first..in_budget` fit the byte budget.
     let below_limit = ends.partition_point(|&e| e <= limit as u64);
-    let in_budget = ends.partition_point(|&e| e.saturating_sub(within as u64) <= budget.bytes as u64);
+    let in_budget =
+        ends.partition_point(|&e| e.saturating_sub(within as u64) <= budget.bytes as u64);
     let mut stop = below_limit
         .min(in_budget)
         .min(first.saturating_add(budget.records));

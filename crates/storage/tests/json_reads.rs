@@ -170,10 +170,17 @@ async fn offsets_inside_an_append(e: &dyn Engine, checks_alignment: bool) {
         serde_json::from_slice(&stored_to_array(&stored)).unwrap()
     };
     for (i, &at) in starts.iter().enumerate() {
-        let c = e.read("j", ReadFrom::At(Offset(at)), 1 << 20).await.unwrap();
+        let c = e
+            .read("j", ReadFrom::At(Offset(at)), 1 << 20)
+            .await
+            .unwrap();
         let got = parse(&c);
         assert_eq!(got.len(), msgs.len() - i, "read from message {i}");
-        assert_eq!(got[0], serde_json::json!({ "n": i }), "read from message {i}");
+        assert_eq!(
+            got[0],
+            serde_json::json!({ "n": i }),
+            "read from message {i}"
+        );
         if !checks_alignment {
             continue;
         }
