@@ -172,7 +172,9 @@ pub(crate) async fn respond(
         // Authentication, a rate limit, or not a stream path: through the
         // application, as any other compact append.
         return match rebuild(buf, peer) {
-            Some(req) => after(compact_get::respond(stream, app, req, out).await),
+            // Boxed: that future is ~4 KiB, and inline it would make every
+            // append's future (boxed by the caller per request) that large.
+            Some(req) => after(Box::pin(compact_get::respond(stream, app, req, out)).await),
             None => After::Hyper,
         };
     };
@@ -190,24 +192,17 @@ pub(crate) async fn respond(
     // Sane and generated ids are visible ASCII.
     let request_id_text = std::str::from_utf8(request_id).unwrap_or_default();
     let body = head.body.get(buf);
-    let max = state.config.max_append_bytes;
-    // As the handler: headers judged first, then the body's size.
-    let result = async {
-        let input = AppendInput::parse(&fields)?;
-        if body.len() as u64 > max {
-            return Err(crate::error::ApiError::PayloadTooLarge(max));
-        }
-        append_body(state, &stream_path, input, body, None).await
-    };
-    // An error is rendered inside the request's span, as the handler's are.
-    let result = async { result.await.map_err(IntoResponse::into_response) };
     // The span is at debug level: off by default, and then not entered at
-    // every poll.
+    // every poll. The future is built at each await, not bound first: a
+    // bound future and its instrumented copy would each take a slot in this
+    // future, which the caller boxes per request.
     let span = tracing::debug_span!("request", request_id = request_id_text);
     let result = if span.is_disabled() {
-        result.await
+        append_answer(state, &stream_path, &fields, body).await
     } else {
-        result.instrument(span).await
+        append_answer(state, &stream_path, &fields, body)
+            .instrument(span)
+            .await
     };
     // As `dispatch_request`: appends without a close are timed.
     let op = if fields.closes() {
@@ -271,6 +266,25 @@ pub(crate) async fn respond(
             after(compact_get::send_response(stream, resp, head.close, out).await)
         }
     }
+}
+
+/// The handler's append on the head's fields and body: headers judged
+/// first, then the body's size; an error rendered as the handler renders it
+/// (inside the request's span, when it has one).
+async fn append_answer(
+    state: &crate::state::AppState,
+    stream_path: &str,
+    fields: &AppendHeaders<&[u8]>,
+    body: &[u8],
+) -> Result<crate::handlers::AppendReply, http::Response<axum::body::Body>> {
+    let input = AppendInput::parse(fields).map_err(IntoResponse::into_response)?;
+    let max = state.config.max_append_bytes;
+    if body.len() as u64 > max {
+        return Err(crate::error::ApiError::PayloadTooLarge(max).into_response());
+    }
+    append_body(state, stream_path, input, body, None)
+        .await
+        .map_err(IntoResponse::into_response)
 }
 
 /// The request as [`compact_get::build_post`] builds it from the same
