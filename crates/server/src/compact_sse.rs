@@ -80,14 +80,14 @@ impl HeadWaits {
         }
     }
 
-    /// Ready with `true` once `deadline` passed, or with `false` at shutdown.
-    fn poll_expired(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<bool> {
+    /// Ready once `deadline` passed or at shutdown.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
         if self.shutdown.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(false);
+            return Poll::Ready(());
         }
         while self.timer.as_mut().poll(cx).is_ready() {
             if self.timer.deadline() >= deadline {
-                return Poll::Ready(true);
+                return Poll::Ready(());
             }
             // Fired at an earlier request's deadline: move on to this one.
             self.timer.as_mut().reset(deadline);
@@ -618,7 +618,11 @@ fn http_date(now: std::time::Instant, f: impl FnOnce(&[u8])) {
     }
     CACHED.with(|c| {
         let mut c = c.borrow_mut();
-        if !c.0.is_some_and(|until| now < until) {
+        let stale = match c.0 {
+            Some(until) => now >= until,
+            None => true,
+        };
+        if stale {
             let wall = SystemTime::now();
             let into_second = wall
                 .duration_since(UNIX_EPOCH)
