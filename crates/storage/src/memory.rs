@@ -273,7 +273,7 @@ fn collect(
             (limit - within).min(budget.bytes)
         };
         let part = &block.bytes[within..within + take];
-        if take <= SMALL_RECORD_BYTES {
+        if take <= SMALL_PART_BYTES {
             if run.capacity() == 0 {
                 run.reserve(budget.bytes.min((upto - from) as usize).min(MAX_RUN_BYTES));
             }
@@ -336,7 +336,7 @@ fn json_take(
 
 /// Parts of blocks up to this size are returned copied into one buffer by
 /// [`collect`]; larger ones as slices of the stored block.
-const SMALL_RECORD_BYTES: usize = 4096;
+const SMALL_PART_BYTES: usize = 4096;
 /// The most [`collect`] reserves at once for copied records.
 const MAX_RUN_BYTES: usize = 1 << 20;
 

@@ -66,6 +66,11 @@ async fn fill(e: &dyn Engine, msgs: &[String]) {
     }
 }
 
+/// A chunk's stored bytes (`message,` records), joined.
+fn stored_bytes(c: &ReadChunk) -> Vec<u8> {
+    c.data.iter().flat_map(|d| d.iter().copied()).collect()
+}
+
 async fn check(e: &dyn Engine, msgs: &[String]) {
     let want: Vec<serde_json::Value> = msgs
         .iter()
@@ -76,7 +81,7 @@ async fn check(e: &dyn Engine, msgs: &[String]) {
         let mut from = ReadFrom::Start;
         loop {
             let c = e.read("j", from, max).await.unwrap();
-            let stored: Vec<u8> = c.data.iter().flat_map(|d| d.iter().copied()).collect();
+            let stored = stored_bytes(&c);
             // The same read left in the file (file engine: a slice of the
             // data file) cuts at the same boundary with the same bytes.
             let f = e.read_file("j", from, max).await.unwrap();
@@ -88,12 +93,7 @@ async fn check(e: &dyn Engine, msgs: &[String]) {
                         .read_all()
                         .expect("file slice shorter than its length")
                 }
-                None => f
-                    .chunk
-                    .data
-                    .iter()
-                    .flat_map(|d| d.iter().copied())
-                    .collect(),
+                None => stored_bytes(&f.chunk),
             };
             assert_eq!(in_file, stored, "max {max}: read_file bytes differ");
             let arr: Vec<serde_json::Value> = serde_json::from_slice(&stored_to_array(&stored))
@@ -155,7 +155,7 @@ async fn offsets_inside_an_append(e: &dyn Engine, checks_alignment: bool) {
     let msgs: Vec<String> = (0..12).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
     fill(e, &msgs).await; // batches of 5: 0-4, 5-9, 10-11
     let whole = e.read("j", ReadFrom::Start, 1 << 20).await.unwrap();
-    let stored: Vec<u8> = whole.data.iter().flat_map(|d| d.iter().copied()).collect();
+    let stored = stored_bytes(&whole);
     // Message i starts after i stored messages (each framed with a comma).
     let mut starts = vec![0u64];
     for (i, b) in stored.iter().enumerate() {
@@ -166,8 +166,7 @@ async fn offsets_inside_an_append(e: &dyn Engine, checks_alignment: bool) {
     starts.pop(); // the end of the last message is the tail, not a start
     assert_eq!(starts.len(), msgs.len());
     let parse = |c: &ReadChunk| -> Vec<serde_json::Value> {
-        let stored: Vec<u8> = c.data.iter().flat_map(|d| d.iter().copied()).collect();
-        serde_json::from_slice(&stored_to_array(&stored)).unwrap()
+        serde_json::from_slice(&stored_to_array(&stored_bytes(c))).unwrap()
     };
     for (i, &at) in starts.iter().enumerate() {
         let c = e
