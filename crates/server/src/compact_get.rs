@@ -9,8 +9,9 @@
 //! softirq work of the small writes at about half of the server's CPU. With
 //! `sendfile` the kernel hands page-cache pages to the socket directly.
 //!
-//! A connection whose request is a catch-up `GET` (an `offset`, no `live`,
-//! no body, HTTP/1.1, no compression accepted) or a `POST` whose whole
+//! A connection whose request is a catch-up or long-poll `GET` (an
+//! `offset`, no `live` or `live=long-poll`, no body, HTTP/1.1, no
+//! compression accepted) or a `POST` whose whole
 //! `Content-Length` body arrived with its head (within the 16 KiB head
 //! buffer) is served here: the request goes through the same application
 //! as any other ([`crate::direct::App`]: auth, rate limits, CORS, request
@@ -66,26 +67,42 @@ impl FileBody {
 /// thread when the socket buffer keeps draining.
 const SENDFILE_MAX_BYTES: usize = 1 << 20;
 
-/// True when the request line is a catch-up read: a query with `offset=`
-/// and without `live=`.
-pub(crate) fn line_asks_catch_up(line: &[u8]) -> bool {
-    let Some(q) = line.iter().position(|&b| b == b'?') else {
-        return false;
-    };
+/// A read the compact path serves, by its request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LineRead {
+    /// A query with `offset=` and without `live=`.
+    CatchUp,
+    /// A query with `offset=` and `live=long-poll`.
+    LongPoll,
+}
+
+/// What read the request line asks for, if one served here: `offset=` and
+/// no `live=`, or `live=long-poll`.
+pub(crate) fn line_read(line: &[u8]) -> Option<LineRead> {
+    let q = line.iter().position(|&b| b == b'?')?;
     let rest = &line[q + 1..];
     let end = rest
         .iter()
         .position(|&b| b == b' ' || b == b'#')
         .unwrap_or(rest.len());
     let mut offset = false;
+    let mut kind = LineRead::CatchUp;
     for p in rest[..end].split(|&b| b == b'&') {
-        if p.starts_with(b"live=") || p == b"live" {
-            return false;
+        if p == b"live=long-poll" && kind == LineRead::CatchUp {
+            kind = LineRead::LongPoll;
+        } else if p.starts_with(b"live=") || p == b"live" {
+            return None;
         }
         offset |= p.starts_with(b"offset=");
     }
-    offset
+    offset.then_some(kind)
 }
+
+/// Marks a long-poll: while its handler waits for data, the connection is
+/// watched for the client going away, which ends the wait (hyper's
+/// connection task does the same).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WatchClose;
 
 /// True when the response may be sent uncompressed without overriding the
 /// client's preference: no `Accept-Encoding`, or one that negotiates to
@@ -266,8 +283,41 @@ pub(crate) async fn respond(
     out: &mut Vec<u8>,
 ) -> bool {
     let close = wants_close(req.headers());
-    let resp: Response<Body> = app.call(*req).await;
+    let resp: Response<Body> = if req.extensions().get::<WatchClose>().is_some() {
+        let call = app.call(*req);
+        tokio::select! {
+            resp = call => resp,
+            () = peer_closed(stream) => {
+                let _ = stream.shutdown().await;
+                return false;
+            }
+        }
+    } else {
+        app.call(*req).await
+    };
     send_response(stream, resp, close, out).await
+}
+
+/// Ready when the client closed its side (or the connection failed);
+/// pending forever once it sends more bytes (a pipelined request, read
+/// after the response).
+async fn peer_closed(stream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.try_io(Interest::READABLE, || {
+            rustix::net::recv(stream, &mut byte, rustix::net::RecvFlags::PEEK)
+                .map(|(n, _)| n)
+                .map_err(io::Error::from)
+        }) {
+            Ok(0) => return,
+            Ok(_) => return std::future::pending().await,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Sends `resp` on `stream`; `close`: the request asked to close. Returns
@@ -512,15 +562,30 @@ mod tests {
     }
 
     #[test]
-    fn catch_up_lines() {
-        assert!(line_asks_catch_up(b"GET /s?offset=-1 HTTP/1.1\r"));
-        assert!(line_asks_catch_up(b"GET /s?a=1&offset=0000_0001 HTTP/1.1"));
-        assert!(!line_asks_catch_up(b"GET /s?offset=-1&live=sse HTTP/1.1"));
-        assert!(!line_asks_catch_up(
-            b"GET /s?live=long-poll&offset=1 HTTP/1.1"
-        ));
-        assert!(!line_asks_catch_up(b"GET /s HTTP/1.1"));
-        assert!(!line_asks_catch_up(b"GET /s?offsets=1 HTTP/1.1"));
+    fn read_lines() {
+        use LineRead::*;
+        assert_eq!(line_read(b"GET /s?offset=-1 HTTP/1.1\r"), Some(CatchUp));
+        assert_eq!(
+            line_read(b"GET /s?a=1&offset=0000_0001 HTTP/1.1"),
+            Some(CatchUp)
+        );
+        assert_eq!(line_read(b"GET /s?offset=-1&live=sse HTTP/1.1"), None);
+        assert_eq!(
+            line_read(b"GET /s?live=long-poll&offset=1 HTTP/1.1"),
+            Some(LongPoll)
+        );
+        assert_eq!(line_read(b"GET /s?live=long-poll HTTP/1.1"), None);
+        assert_eq!(
+            line_read(b"GET /s?offset=1&live=long-poll&live=sse HTTP/1.1"),
+            None
+        );
+        assert_eq!(
+            line_read(b"GET /s?offset=1&live=long-poll&live=long-poll HTTP/1.1"),
+            None
+        );
+        assert_eq!(line_read(b"GET /s?offset=1&live=longpoll HTTP/1.1"), None);
+        assert_eq!(line_read(b"GET /s HTTP/1.1"), None);
+        assert_eq!(line_read(b"GET /s?offsets=1 HTTP/1.1"), None);
     }
 
     #[test]

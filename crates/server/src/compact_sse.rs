@@ -184,9 +184,14 @@ fn classify(
     };
     let line = &buf[..line_end];
     let sse = !post && line_asks_sse(line);
-    if !post && !sse && !crate::compact_get::line_asks_catch_up(line) {
-        return Decision::Hyper;
-    }
+    let read = if post || sse {
+        None
+    } else {
+        match crate::compact_get::line_read(line) {
+            None => return Decision::Hyper,
+            read => read,
+        }
+    };
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
@@ -216,6 +221,9 @@ fn classify(
                 // Without sendfile (a compressed answer) hyper is as good.
                 Some(mut req) if crate::compact_get::identity_only(req.headers(), codings) => {
                     req.extensions_mut().insert(crate::compact_get::ZeroCopy);
+                    if read == Some(crate::compact_get::LineRead::LongPoll) {
+                        req.extensions_mut().insert(crate::compact_get::WatchClose);
+                    }
                     Decision::KeepAlive(req)
                 }
                 Some(_) => Decision::Hyper,

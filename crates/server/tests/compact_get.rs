@@ -1010,3 +1010,110 @@ async fn compact_append_honours_connection_close() {
     let (got, _, _) = read_all(&mut c, "/v1/stream/cc", "").await;
     assert_eq!(got, b"last");
 }
+
+/// `ds_live_readers{mode="long_poll"}` from /metrics.
+async fn long_polls_waiting(addr: SocketAddr) -> u64 {
+    let mut c = Conn::open(addr).await;
+    let r = c.request("GET", "/metrics", "", &[]).await;
+    let text = String::from_utf8(r.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("ds_live_readers{mode=\"long_poll\"} "))
+        .expect("long-poll gauge in /metrics")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (bounded) until `n` long-polls are parked on the server.
+async fn wait_long_polls(addr: SocketAddr, n: u64) {
+    let until = tokio::time::Instant::now() + PATIENCE;
+    while long_polls_waiting(addr).await != n {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "never {n} long-polls waiting"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Long-polls on one keep-alive connection, each woken by an append from
+/// another connection, return exactly the appended bytes and offsets on both
+/// engines; the connection then serves a catch-up read and an append.
+#[tokio::test]
+async fn keep_alive_long_polls_deliver_each_append() {
+    let dir = DataDir::new("long-poll");
+    for args in [vec!["--data-dir", dir.arg()], vec![]] {
+        let srv = ServerProc::start(&args);
+        let mut w = Conn::open(srv.addr).await;
+        create_with(&mut w, "/v1/stream/lp", b"").await;
+        let mut r = Conn::open(srv.addr).await;
+        let mut off = "-1".to_string();
+        let mut want = Vec::new();
+        for i in 0..5u8 {
+            // Up to date: the long-poll waits for the next append.
+            let catch_up = format!("/v1/stream/lp?offset={off}");
+            let first = r.request("GET", &catch_up, "", &[]).await;
+            assert_eq!(first.status, 200);
+            assert_eq!(first.body, want);
+            off = first.header("stream-next-offset").unwrap().to_string();
+            let target = format!("/v1/stream/lp?offset={off}&live=long-poll");
+            r.s.write_all(format!("GET {target} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            wait_long_polls(srv.addr, 1).await;
+            let data = vec![b'a' + i; 100 + usize::from(i)];
+            let a = w
+                .request(
+                    "POST",
+                    "/v1/stream/lp",
+                    "content-type: application/octet-stream\r\n",
+                    &data,
+                )
+                .await;
+            assert_eq!(a.status, 204);
+            let woke = r.response(false).await;
+            assert_eq!(woke.status, 200, "long-poll {i}");
+            assert_eq!(woke.body, data, "long-poll {i}");
+            assert_eq!(
+                woke.header("stream-next-offset"),
+                a.header("stream-next-offset"),
+                "long-poll {i}"
+            );
+            want.extend_from_slice(&data);
+            off = "-1".to_string();
+        }
+        let (got, _, _) = read_all(&mut r, "/v1/stream/lp", "").await;
+        assert_eq!(got, want);
+        let a = r
+            .request(
+                "POST",
+                "/v1/stream/lp",
+                "content-type: application/octet-stream\r\n",
+                b"end",
+            )
+            .await;
+        assert_eq!(
+            a.status, 204,
+            "an append after long-polls on the connection"
+        );
+    }
+}
+
+/// A long-poll whose client goes away stops waiting then, not at the
+/// long-poll timeout (a minute here, longer than this test waits).
+#[tokio::test]
+async fn long_poll_ends_when_its_client_leaves() {
+    let srv = ServerProc::start(&["--long-poll-timeout", "60s"]);
+    let mut w = Conn::open(srv.addr).await;
+    create_with(&mut w, "/v1/stream/gone", b"x").await;
+    let tail = w.request("GET", "/v1/stream/gone?offset=-1", "", &[]).await;
+    let off = tail.header("stream-next-offset").unwrap().to_string();
+    let mut r = Conn::open(srv.addr).await;
+    let target = format!("/v1/stream/gone?offset={off}&live=long-poll");
+    r.s.write_all(format!("GET {target} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    wait_long_polls(srv.addr, 1).await;
+    drop(r);
+    wait_long_polls(srv.addr, 0).await;
+}
