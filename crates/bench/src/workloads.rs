@@ -1241,7 +1241,10 @@ mod tests {
                 for part in [&wire[..cut], &wire[cut..cut2], &wire[cut2..]] {
                     b.decode(part, &mut out).expect("valid chunked body");
                 }
-                assert_eq!(out, b"helloevent: data\ndata:[1,2,3]\n\n", "cut {cut} {cut2}");
+                assert_eq!(
+                    out, b"helloevent: data\ndata:[1,2,3]\n\n",
+                    "cut {cut} {cut2}"
+                );
                 assert!(b.done);
             }
         }
