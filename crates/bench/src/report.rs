@@ -291,6 +291,8 @@ pub async fn report(args: &ReportArgs) -> Result<()> {
     t(&mut md, "JSON replay events/s ≥ 1.0", r, r >= 1.0);
     let r = d.ratio("fanout-sse", "ours-file", "upstream-wal", "p99_ms");
     t(&mut md, "SSE fan-out p99 ≤ 1.0", r, r <= 1.0);
+    let r = d.ratio("fanout-longpoll", "ours-file", "upstream-wal", "p99_ms");
+    t(&mut md, "long-poll fan-out p99 ≤ 1.0", r, r <= 1.0);
     let r = d.ratio("idle-sse", "ours-file", "upstream-wal", "kb_per_conn");
     t(&mut md, "idle SSE memory per connection ≤ 1.0", r, r <= 1.0);
     let r = d.ratio("append-16-streams", "ours-file", "node-file", "ops_s");
