@@ -193,17 +193,22 @@ async fn create_with(conn: &mut Conn, path: &str, data: &[u8]) {
     }
 }
 
-/// `ds_sent_zero_copy_bytes_total` from /metrics.
-async fn zero_copy_bytes(addr: SocketAddr) -> u64 {
+/// The value of the /metrics line starting with `name ` (a counter or
+/// gauge without labels beyond those in `name`), if the server has it.
+async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
     let mut c = Conn::open(addr).await;
     let r = c.request("GET", "/metrics", "", &[]).await;
     let text = String::from_utf8(r.body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("ds_sent_zero_copy_bytes_total "))
+    let prefix = format!("{name} ");
+    let value = text.lines().find_map(|l| l.strip_prefix(prefix.as_str()))?;
+    Some(value.trim().parse().unwrap())
+}
+
+/// `ds_sent_zero_copy_bytes_total` from /metrics.
+async fn zero_copy_bytes(addr: SocketAddr) -> u64 {
+    metric(addr, "ds_sent_zero_copy_bytes_total")
+        .await
         .expect("zero-copy counter in /metrics")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Waits until the file engine wrote every held byte to its data file
@@ -211,16 +216,8 @@ async fn zero_copy_bytes(addr: SocketAddr) -> u64 {
 /// The memory engine has no such gauge.
 async fn wait_written(addr: SocketAddr) {
     for _ in 0..2000 {
-        let mut c = Conn::open(addr).await;
-        let r = c.request("GET", "/metrics", "", &[]).await;
-        let text = String::from_utf8(r.body).unwrap();
-        match text
-            .lines()
-            .find_map(|l| l.strip_prefix("ds_unflushed_bytes "))
-        {
-            Some(v) if v.trim() != "0" => {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await
-            }
+        match metric(addr, "ds_unflushed_bytes").await {
+            Some(v) if v != 0 => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
             _ => return,
         }
     }
@@ -1013,15 +1010,9 @@ async fn compact_append_honours_connection_close() {
 
 /// `ds_live_readers{mode="long_poll"}` from /metrics.
 async fn long_polls_waiting(addr: SocketAddr) -> u64 {
-    let mut c = Conn::open(addr).await;
-    let r = c.request("GET", "/metrics", "", &[]).await;
-    let text = String::from_utf8(r.body).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("ds_live_readers{mode=\"long_poll\"} "))
+    metric(addr, "ds_live_readers{mode=\"long_poll\"}")
+        .await
         .expect("long-poll gauge in /metrics")
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 /// Waits (bounded) until `n` long-polls are parked on the server.
