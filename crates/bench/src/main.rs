@@ -9,6 +9,7 @@
 
 mod conn;
 mod procfs;
+mod raw;
 mod report;
 mod servers;
 mod workloads;

@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::conn::{enc, for_each_frame, read_to_tail, Conn, SseEvent, SseParser};
 use crate::procfs::{self, Window};
+use crate::raw::RawConn;
 use crate::servers::Running;
 
 const PREFIX: &str = "/v1/stream/bench";
@@ -257,7 +258,7 @@ async fn appends(ctx: &Ctx<'_>, conns: usize, hot: bool) -> Result<Metrics> {
     for (w, path) in paths.iter().enumerate() {
         let path = path.clone();
         tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
+            let mut conn = RawConn::new(addr);
             let mut seq = 0u64;
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 14);
             let mut errors = 0u64;
@@ -266,7 +267,7 @@ async fn appends(ctx: &Ctx<'_>, conns: usize, hot: bool) -> Result<Metrics> {
                 let body = record(w as u32, seq);
                 let t = Instant::now();
                 match conn
-                    .call(Method::POST, &path, &[("content-type", OCTET)], body)
+                    .call("POST", &path, &[("content-type", OCTET)], &body)
                     .await
                 {
                     Ok(r) if r.ok() => {
@@ -374,7 +375,7 @@ async fn producers(ctx: &Ctx<'_>, inflight: usize) -> Result<Metrics> {
             let (gaps, dups, errors) = (gaps.clone(), dups.clone(), errors.clone());
             let path = format!("{PREFIX}/p{i}");
             tasks.push(tokio::spawn(async move {
-                let mut conn = Conn::new(addr);
+                let mut conn = RawConn::new(addr);
                 let mut lat: Vec<u32> = Vec::with_capacity(1 << 12);
                 let id = format!("bench-{i}");
                 let mut rx = p.contiguous.subscribe();
@@ -389,7 +390,7 @@ async fn producers(ctx: &Ctx<'_>, inflight: usize) -> Result<Metrics> {
                             return Err(anyhow!("producer {i} seq {seq}: gave up after 1000 attempts"));
                         }
                         let hdrs = [("content-type", OCTET), ("producer-id", id.as_str()), ("producer-epoch", "0"), ("producer-seq", seq_s.as_str())];
-                        let r = conn.call(Method::POST, &path, &hdrs, record(i as u32, seq)).await?;
+                        let r = conn.call("POST", &path, &hdrs, &record(i as u32, seq)).await?;
                         match r.status {
                             200 | 201 | 204 => {
                                 if r.status == 204 {
