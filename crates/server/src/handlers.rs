@@ -532,8 +532,9 @@ async fn append_tolerating_reorder(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         // Subscribe before trying again so a change in between is not
-        // missed.
-        let mut rx = state.engine.watch(path).await?;
+        // missed. The feed of accepted appends: the predecessor's
+        // acceptance is what this request needs, not its commit.
+        let mut rx = state.engine.watch_accepted(path).await?;
         match state.engine.append(path, req.clone()).await {
             Err(StorageError::SeqGap { .. }) if tokio::time::Instant::now() < deadline => {
                 tokio::select! {

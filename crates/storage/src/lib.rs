@@ -79,6 +79,19 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     async fn watch(&self, path: &str)
         -> Result<tokio::sync::watch::Receiver<Signal>, StorageError>;
 
+    /// A change feed of the stream's pending state: the receiver sees every
+    /// append the stream accepts (before it is durable, for an engine that
+    /// validates before it commits), and `gone` once it is deleted. An
+    /// idempotent producer's request waiting for its predecessor watches
+    /// this. The default, [`Engine::watch`], suits engines that publish an
+    /// append as they accept it.
+    async fn watch_accepted(
+        &self,
+        path: &str,
+    ) -> Result<tokio::sync::watch::Receiver<Signal>, StorageError> {
+        self.watch(path).await
+    }
+
     /// Frees streams whose expiry has passed. Returns how many were removed.
     async fn sweep_expired(&self) -> usize;
 

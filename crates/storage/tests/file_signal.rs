@@ -71,3 +71,63 @@ fn signalled_before_append_returns_outside_runtime() {
         e.shutdown().await;
     });
 }
+
+/// An accepted append shows on `watch_accepted` while its commit still
+/// waits for the disk; live readers (`watch`) see it only once durable.
+#[tokio::test]
+async fn accepted_feed_runs_ahead_of_the_commit() {
+    let vfs = Arc::new(SimVfs::new());
+    let e = Arc::new(
+        FileEngine::open_with(
+            "/db",
+            FileOptions::default(),
+            vfs.clone(),
+            Arc::new(SystemClock),
+        )
+        .unwrap(),
+    );
+    e.create(
+        "s",
+        CreateRequest {
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut durable = e.watch("s").await.unwrap();
+    let mut accepted = e.watch_accepted("s").await.unwrap();
+    vfs.hold_syncs(true);
+    let append = tokio::spawn({
+        let e = e.clone();
+        async move {
+            e.append(
+                "s",
+                AppendRequest {
+                    content_type: Some("text/plain".into()),
+                    records: vec![Bytes::from_static(b"abc")],
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    });
+    // A liveness bound, not a speed check: without the feed this waits
+    // for as long as the disk is held.
+    tokio::time::timeout(std::time::Duration::from_secs(30), accepted.changed())
+        .await
+        .expect("acceptance not announced while the commit waits")
+        .unwrap();
+    assert_eq!(accepted.borrow_and_update().tail.0, 3);
+    assert!(!durable.has_changed().unwrap(), "not durable yet");
+    assert!(!append.is_finished());
+    vfs.hold_syncs(false);
+    append.await.unwrap().unwrap();
+    assert!(durable.has_changed().unwrap());
+    assert_eq!(durable.borrow_and_update().tail.0, 3);
+    e.delete("s").await.unwrap();
+    // Changed, or closed with the stream (waiters then wake as well).
+    assert!(accepted.has_changed().unwrap_or(true));
+    assert!(accepted.borrow_and_update().gone);
+    e.shutdown().await;
+}

@@ -5,7 +5,9 @@
 //! [`SimVfs::crash`] returns the file system a power cut would leave:
 //! synced bytes only, durable names only, and optionally a torn tail (a
 //! prefix of the unsynced bytes written past the synced length).
-//! Faults: fail the n-th `sync_data`, or any write once the disk is full.
+//! Faults: fail the n-th `sync_data`, or any write once the disk is full;
+//! and a gate that holds every `sync_data` until opened (a slow disk, or a
+//! commit stalled behind a checkpoint).
 
 use super::vfs::{Vfs, VfsFile};
 use parking_lot::Mutex;
@@ -57,6 +59,9 @@ struct SyncCounter {
     count: AtomicU64,
     fail_at: Mutex<Option<u64>>,
     disk_bytes: Mutex<Option<u64>>,
+    /// While true, `sync_data` waits (on `gate_open`).
+    gate_closed: Mutex<bool>,
+    gate_open: parking_lot::Condvar,
 }
 
 impl SimVfs {
@@ -72,6 +77,13 @@ impl SimVfs {
     pub fn set_faults(&self, f: Faults) {
         *self.counter.fail_at.lock() = f.fail_sync_at;
         *self.counter.disk_bytes.lock() = f.disk_bytes;
+    }
+
+    /// Holds every `sync_data` (from any thread) until called again with
+    /// `false`.
+    pub fn hold_syncs(&self, hold: bool) {
+        *self.counter.gate_closed.lock() = hold;
+        self.counter.gate_open.notify_all();
     }
 
     fn counter(&self) -> &Arc<SyncCounter> {
@@ -173,6 +185,12 @@ impl VfsFile for SimFile {
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
+        {
+            let mut closed = self.vfs_syncs.gate_closed.lock();
+            while *closed {
+                self.vfs_syncs.gate_open.wait(&mut closed);
+            }
+        }
         let n = self.vfs_syncs.count.fetch_add(1, Ordering::SeqCst) + 1;
         if self.vfs_syncs.fail_at.lock().is_some_and(|at| n >= at) {
             return Err(io::Error::other("injected fsync failure"));
