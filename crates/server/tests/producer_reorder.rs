@@ -1,6 +1,8 @@
 //! Pipelined idempotent producers: a request that overtakes its predecessor
 //! is held briefly instead of failing with a spurious 409.
 
+#![allow(clippy::unwrap_used)]
+
 use durable_streams_server::{Server, ServerConfig};
 use std::time::Duration;
 
