@@ -1,8 +1,9 @@
 //! A lean HTTP/1.1 client for the request-per-operation workloads (durable
-//! appends, idempotent producers): one request in flight per connection,
-//! the request written with one `write` from a reused buffer, the response
-//! head parsed in place with `httparse`, nothing else allocated but the
-//! response body.
+//! appends, idempotent producers) and catch-up reads: one request in flight
+//! per connection, the request written with one `write` from a reused
+//! buffer, the response head parsed in place with `httparse`, nothing else
+//! allocated but the response body (or, streaming, nothing at all: a large
+//! body is read into one reused buffer and handed over slice by slice).
 //!
 //! Why not hyper's client (`conn.rs`, still used for reads and fan-out): at
 //! 256 connections the generator has one core and was the side that ran out
@@ -24,8 +25,11 @@ use tokio::net::TcpStream;
 const MAX_HEADERS: usize = 64;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 * 1024;
-/// Largest body (or chunk) accepted: these workloads' responses are small.
+/// Largest body (or chunk) accepted whole: these workloads' responses are
+/// small (streamed bodies have no limit).
 const MAX_BODY: usize = 64 << 20;
+/// The reused buffer a streamed body is read into.
+const STREAM_BUF_BYTES: usize = 256 << 10;
 
 pub struct RawConn {
     addr: SocketAddr,
@@ -33,6 +37,8 @@ pub struct RawConn {
     sock: Option<TcpStream>,
     out: Vec<u8>,
     inp: BytesMut,
+    /// For streamed bodies (allocated at the first).
+    big: Vec<u8>,
 }
 
 /// A fully read response: its status, head (for header lookups on demand)
@@ -99,9 +105,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>> {
         let v = std::str::from_utf8(h.value).unwrap_or("").trim();
         if h.name.eq_ignore_ascii_case("content-length") {
             if !matches!(framing, Framing::Chunked) {
-                let n: usize = v.parse().context("bad content-length")?;
-                ensure!(n <= MAX_BODY, "content-length {n}");
-                framing = Framing::Length(n);
+                framing = Framing::Length(v.parse().context("bad content-length")?);
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if v.to_ascii_lowercase().contains("chunked") {
@@ -169,6 +173,72 @@ fn parse_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>> {
     }
 }
 
+/// Incremental decoder of a chunked body that hands the data on in place.
+#[derive(Default)]
+struct Chunked {
+    /// Data bytes left in the current chunk.
+    left: usize,
+    /// Bytes of the CRLF after the current chunk's data still to skip.
+    crlf: usize,
+    /// In the trailer section, after the last chunk.
+    trailer: bool,
+    done: bool,
+}
+
+impl Chunked {
+    /// Decodes what it can of `buf`; returns the bytes used (the rest, a
+    /// partial line, is to be fed again with more after it).
+    fn feed(
+        &mut self,
+        buf: &[u8],
+        f: &mut impl FnMut(&[u8]) -> Result<()>,
+        total: &mut u64,
+    ) -> Result<usize> {
+        let mut at = 0;
+        while at < buf.len() && !self.done {
+            if self.left > 0 {
+                let k = self.left.min(buf.len() - at);
+                f(&buf[at..at + k])?;
+                *total += k as u64;
+                self.left -= k;
+                at += k;
+                if self.left == 0 {
+                    self.crlf = 2;
+                }
+            } else if self.crlf > 0 {
+                let k = self.crlf.min(buf.len() - at);
+                ensure!(
+                    buf[at..at + k].iter().all(|&b| b == b'\r' || b == b'\n'),
+                    "chunk without CRLF"
+                );
+                self.crlf -= k;
+                at += k;
+            } else {
+                let Some(nl) = buf[at..].iter().position(|&b| b == b'\n') else {
+                    ensure!(buf.len() - at < 1024, "chunk size line too long");
+                    break;
+                };
+                let line = &buf[at..at + nl];
+                at += nl + 1;
+                if self.trailer {
+                    self.done = line.iter().all(|&b| b == b'\r');
+                    continue;
+                }
+                let line = std::str::from_utf8(line).context("bad chunk size line")?;
+                let hex = line.split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(hex, 16)
+                    .map_err(|_| anyhow!("bad chunk size line {line:?}"))?;
+                if size == 0 {
+                    self.trailer = true;
+                } else {
+                    self.left = size;
+                }
+            }
+        }
+        Ok(at)
+    }
+}
+
 impl RawConn {
     pub fn new(addr: SocketAddr) -> Self {
         RawConn {
@@ -177,6 +247,7 @@ impl RawConn {
             sock: None,
             out: Vec::with_capacity(1024),
             inp: BytesMut::with_capacity(8 * 1024),
+            big: Vec::new(),
         }
     }
 
@@ -197,13 +268,107 @@ impl RawConn {
         r
     }
 
-    async fn exchange(
+    /// Sends a GET and hands its body to `f` as it arrives, slice by slice
+    /// (chunked encoding removed), without keeping it. Returns the response
+    /// (with an empty body) and the body's length. Errors drop the
+    /// connection, as [`RawConn::call`].
+    pub async fn get_each(
+        &mut self,
+        path: &str,
+        f: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<(RawResp, u64)> {
+        let r = self.get_each_inner(path, f).await;
+        if r.is_err() {
+            self.sock = None;
+        }
+        r
+    }
+
+    async fn get_each_inner(
+        &mut self,
+        path: &str,
+        mut f: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<(RawResp, u64)> {
+        let head = self.send_and_read_head("GET", path, &[], &[]).await?;
+        let head_bytes = self.inp.split_to(head.len).freeze();
+        if self.big.is_empty() {
+            self.big = vec![0u8; STREAM_BUF_BYTES];
+        }
+        let (sock, inp, big) = match self.sock.as_mut() {
+            Some(sock) => (sock, &mut self.inp, &mut self.big),
+            None => bail!("no connection"),
+        };
+        let mut total = 0u64;
+        match head.framing {
+            Framing::Empty => {}
+            Framing::Length(n) => {
+                let first = inp.len().min(n);
+                f(&inp[..first])?;
+                inp.advance(first);
+                let mut left = n - first;
+                total += first as u64;
+                while left > 0 {
+                    let want = left.min(big.len());
+                    let k = sock.read(&mut big[..want]).await?;
+                    ensure!(k > 0, "connection closed inside the body");
+                    f(&big[..k])?;
+                    left -= k;
+                    total += k as u64;
+                }
+            }
+            Framing::Chunked => {
+                let mut dec = Chunked::default();
+                let used = dec.feed(inp, &mut f, &mut total)?;
+                inp.advance(used);
+                while !dec.done {
+                    // Bytes left over (a partial size line) go first.
+                    let carried = inp.len();
+                    big[..carried].copy_from_slice(inp);
+                    inp.clear();
+                    let k = sock.read(&mut big[carried..]).await?;
+                    ensure!(k > 0, "connection closed inside the body");
+                    let all = &big[..carried + k];
+                    let used = dec.feed(all, &mut f, &mut total)?;
+                    inp.extend_from_slice(&all[used..]);
+                }
+            }
+            Framing::UntilClose => {
+                f(inp)?;
+                total += inp.len() as u64;
+                inp.clear();
+                loop {
+                    let k = sock.read(big).await?;
+                    if k == 0 {
+                        break;
+                    }
+                    f(&big[..k])?;
+                    total += k as u64;
+                }
+                self.sock = None;
+            }
+        }
+        if head.close {
+            self.sock = None;
+        }
+        Ok((
+            RawResp {
+                status: head.status,
+                head: head_bytes,
+                body: Bytes::new(),
+            },
+            total,
+        ))
+    }
+
+    /// Writes a request and reads up to the end of its response head (a
+    /// final one: 1xx heads are skipped), which starts `self.inp`.
+    async fn send_and_read_head(
         &mut self,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
-    ) -> Result<RawResp> {
+    ) -> Result<Head> {
         if self.sock.is_none() {
             let s = TcpStream::connect(self.addr)
                 .await
@@ -223,7 +388,12 @@ impl RawConn {
             }
         }
         use std::io::Write;
-        write!(out, "\r\ncontent-length: {}\r\n\r\n", body.len())?;
+        if body.is_empty() && (method == "GET" || method == "HEAD") {
+            // As common clients do: no body, no length.
+            out.extend_from_slice(b"\r\n\r\n");
+        } else {
+            write!(out, "\r\ncontent-length: {}\r\n\r\n", body.len())?;
+        }
         out.extend_from_slice(body);
         let sock = self.sock.as_mut().ok_or_else(|| anyhow!("no connection"))?;
         sock.write_all(out).await?;
@@ -231,23 +401,38 @@ impl RawConn {
         if !inp.is_empty() {
             bail!("{} bytes the server sent unasked", inp.len());
         }
-        let head = loop {
+        loop {
             if let Some(h) = parse_head(inp)? {
                 if (100..200).contains(&h.status) {
                     inp.advance(h.len);
                     continue;
                 }
-                break h;
+                return Ok(h);
             }
             inp.reserve(4096);
             if sock.read_buf(inp).await? == 0 {
                 bail!("connection closed before the response");
             }
+        }
+    }
+
+    async fn exchange(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<RawResp> {
+        let head = self.send_and_read_head(method, path, headers, body).await?;
+        let (sock, inp) = match self.sock.as_mut() {
+            Some(sock) => (sock, &mut self.inp),
+            None => bail!("no connection"),
         };
         let head_bytes = inp.split_to(head.len).freeze();
         let body = match head.framing {
             Framing::Empty => Bytes::new(),
             Framing::Length(n) => {
+                ensure!(n <= MAX_BODY, "content-length {n}");
                 while inp.len() < n {
                     inp.reserve(n - inp.len());
                     if sock.read_buf(inp).await? == 0 {
@@ -285,6 +470,37 @@ impl RawConn {
     }
 }
 
+/// As [`crate::conn::read_to_tail`], on a [`RawConn`]: catch-up reads from
+/// the start until the server says the reader is up to date, each body
+/// handed to `f` as it arrives. Returns the bytes read and the final offset.
+pub async fn read_to_tail(
+    conn: &mut RawConn,
+    path: &str,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<(u64, String)> {
+    let mut off = "-1".to_string();
+    let mut total = 0u64;
+    loop {
+        let target = format!("{path}?offset={}", crate::conn::enc(&off));
+        let (resp, n) = conn.get_each(&target, &mut f).await?;
+        ensure!(
+            resp.status == 200,
+            "catch-up read of {path} at {off}: HTTP {}",
+            resp.status
+        );
+        let next = resp
+            .header("stream-next-offset")
+            .ok_or_else(|| anyhow!("no Stream-Next-Offset"))?
+            .to_string();
+        let up_to_date = resp.header("stream-up-to-date").is_some();
+        total += n;
+        if up_to_date || (n == 0 && next == off) {
+            return Ok((total, next));
+        }
+        off = next;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +519,42 @@ mod tests {
         assert_eq!(used, end);
         assert!(parse_chunked(b"zz\r\n").is_err());
         assert!(parse_chunked(b"1\r\nab\r\n").is_err());
+    }
+
+    /// The incremental chunked decoder gives the same body, and stops at
+    /// the same byte, however its input is split.
+    #[test]
+    fn chunked_decoder_any_split() {
+        let wire = b"5;x=1\r\nhello\r\n1\r\n!\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let end = wire.len() - 4;
+        for a in 0..wire.len() {
+            for b in a..wire.len() {
+                let mut dec = Chunked::default();
+                let mut out = Vec::new();
+                let mut total = 0;
+                let mut sink = |d: &[u8]| {
+                    out.extend_from_slice(d);
+                    Ok(())
+                };
+                // Feed the pieces as the reader does: the unused rest of a
+                // piece goes again, in front of the next one.
+                let mut pending: Vec<u8> = Vec::new();
+                let mut consumed = 0;
+                for piece in [&wire[..a], &wire[a..b], &wire[b..]] {
+                    if dec.done {
+                        break;
+                    }
+                    pending.extend_from_slice(piece);
+                    let used = dec.feed(&pending, &mut sink, &mut total).unwrap();
+                    consumed += used;
+                    pending.drain(..used);
+                }
+                assert!(dec.done, "split {a} {b}");
+                assert_eq!(consumed, end, "split {a} {b}");
+                assert_eq!(out, b"hello!");
+                assert_eq!(total, 6);
+            }
+        }
     }
 
     /// The head tells the body's framing and whether the connection closes.

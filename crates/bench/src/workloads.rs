@@ -502,13 +502,13 @@ async fn catchup(ctx: &Ctx<'_>) -> Result<Metrics> {
     for _ in 0..readers {
         let (data, path) = (data.clone(), path.clone());
         tasks.push(tokio::spawn(async move {
-            let mut conn = Conn::new(addr);
+            let mut conn = RawConn::new(addr);
             let mut total = 0u64;
             let mut rep = 0;
             while rep < reps || Instant::now() < until {
                 rep += 1;
                 let mut pos = 0usize;
-                let (n, _) = read_to_tail(&mut conn, &path, |d| {
+                let (n, _) = crate::raw::read_to_tail(&mut conn, &path, |d| {
                     ensure!(
                         pos + d.len() <= data.len() && d == &data[pos..pos + d.len()],
                         "catch-up bytes differ at {pos}"

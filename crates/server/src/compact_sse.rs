@@ -264,8 +264,12 @@ pub(crate) fn build(
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        // A body, an upgrade or an expectation: hyper handles those.
-        if name == http::header::CONTENT_LENGTH
+        // A body, an upgrade or an expectation: hyper handles those. An
+        // empty body declared as such (`Content-Length: 0`, which some
+        // clients send on every request) is no body: the head is all of
+        // `buf` (checked by the caller).
+        let empty_body = name == http::header::CONTENT_LENGTH && h.value.trim_ascii() == b"0";
+        if (name == http::header::CONTENT_LENGTH && !empty_body)
             || name == http::header::TRANSFER_ENCODING
             || name == http::header::UPGRADE
             || name == http::header::EXPECT

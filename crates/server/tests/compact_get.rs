@@ -292,6 +292,34 @@ async fn keep_alive_catch_up_is_byte_exact_on_both_engines() {
     }
 }
 
+/// A catch-up GET that declares an empty body (`Content-Length: 0`, which
+/// some clients send on every request) is still served by sendfile, and
+/// byte-exact; a GET declaring a body is left to hyper, which answers it.
+#[tokio::test]
+async fn get_with_empty_content_length_is_zero_copy() {
+    let dir = DataDir::new("cl0");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let data = pattern(300_000);
+    let mut w = Conn::open(srv.addr).await;
+    create_with(&mut w, "/v1/stream/cl0", &data).await;
+    wait_written(srv.addr).await;
+    let before = zero_copy_bytes(srv.addr).await;
+    let mut c = Conn::open(srv.addr).await;
+    let (got, _, _) = read_all(&mut c, "/v1/stream/cl0", "content-length: 0\r\n").await;
+    assert!(got == data, "bytes differ");
+    assert_eq!(zero_copy_bytes(srv.addr).await - before, data.len() as u64);
+    let r = c
+        .request(
+            "GET",
+            "/v1/stream/cl0?offset=-1",
+            "content-length: 2\r\n",
+            b"xy",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(zero_copy_bytes(srv.addr).await - before, data.len() as u64);
+}
+
 /// ETag revalidation, missing streams, reads past the tail, closed streams
 /// and `Connection: close` keep their meaning on this path.
 #[tokio::test]
