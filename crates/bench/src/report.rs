@@ -393,6 +393,17 @@ and verified after the measured phase (a verification failure fails the run).
 | idle-sse | 2,000 SSE connections on one stream, idle; (RSS after − RSS before) / 2,000; then one append must reach all of them. |
 | streams | 100,000 streams created by `PUT` with a ~45 B first message, 64 connections; RSS and data-dir growth (allocated blocks) per stream; a sample of 500 read back. |
 
+The load generator (`ds-bench`, one core) sends appends, producer requests
+and catch-up reads through a lean HTTP/1.1 client of its own (one request in
+flight per connection, each written with one `write`, the response head
+parsed in place, a catch-up body compared as it arrives in one reused
+buffer); reads for fan-out and replay use hyper's client or a plain socket.
+With hyper's client for everything, the generator's core was saturated at
+256 connections (~15 µs per append) and in catch-up reads while the
+servers' cores still had time to spare, so every server met the same
+ceiling and the throughput ratios said little. A generator core that is
+still the limit shows as a ratio near 1.0 with a lower CPU per operation.
+
 Server CPU is utime+stime from `/proc/PID/stat` over the measured phase; memory is VmRSS/VmHWM from `/proc/PID/status`.
 fsync calls are counted by the kernel: `perf stat -e syscalls:sys_enter_{fsync,fdatasync,syncfs,sync_file_range,msync} -p PID`
 over the measured phase (all threads). Writes opened with O_SYNC/O_DSYNC would not be counted; neither Rust server uses them (both call `fdatasync`).
