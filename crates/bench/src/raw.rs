@@ -502,6 +502,7 @@ pub async fn read_to_tail(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
