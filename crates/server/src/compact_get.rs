@@ -67,6 +67,30 @@ impl FileBody {
 /// thread when the socket buffer keeps draining.
 const SENDFILE_MAX_BYTES: usize = 1 << 20;
 
+/// Bodies from this size up (catch-up reads; a live reader's few bytes stay
+/// inline) are sent from a blocking-pool thread that keeps the socket full
+/// and waits for it with `poll`. Measured, rotated A/B, four rounds, 4
+/// readers of a 64 MiB stream: 4661 MB/s against 4047 inline. It also keeps
+/// a page-cache miss (a cold catch-up read) from stalling the runtime
+/// thread, and every connection on it, for the disk's time.
+const BLOCKING_SENDFILE_MIN_BYTES: u64 = 256 * 1024;
+
+/// Most bodies sent from blocking threads at once; the next ones are sent
+/// inline rather than waiting for a thread.
+const MAX_BLOCKING_SENDFILES: usize = 32;
+
+/// A blocking send gives up after this long without progress: a client
+/// that stopped reading must not hold a thread for ever.
+const BLOCKING_SENDFILE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How often a blocking send waiting for the socket checks whether its
+/// connection was dropped (server shutdown, or the connection's task
+/// cancelled), so the thread is not held past it.
+const BLOCKING_SENDFILE_POLL_MS: i64 = 100;
+
+static BLOCKING_SENDFILES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_BLOCKING_SENDFILES);
+
 /// A read the compact path serves, by its request line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LineRead {
@@ -397,6 +421,11 @@ async fn send_slice(stream: &mut TcpStream, slice: &FileSlice) -> io::Result<()>
         }
         return Ok(());
     };
+    if slice.len() >= BLOCKING_SENDFILE_MIN_BYTES {
+        if let Ok(permit) = BLOCKING_SENDFILES.try_acquire() {
+            return send_slice_blocking(stream, slice, permit).await;
+        }
+    }
     let mut position = slice.position();
     let end = position + slice.len();
     while position < end {
@@ -416,6 +445,73 @@ async fn send_slice(stream: &mut TcpStream, slice: &FileSlice) -> io::Result<()>
         }
     }
     Ok(())
+}
+
+/// Sends `slice` from a blocking-pool thread, on a duplicate of the
+/// socket's descriptor (it shares the socket's non-blocking mode, so the
+/// thread waits for room with `poll`). The duplicate keeps the socket open
+/// if this future is dropped meanwhile; the thread then stops at its next
+/// wait. This future holds the socket, so nothing else writes to it until
+/// the thread is done.
+async fn send_slice_blocking(
+    stream: &TcpStream,
+    slice: &FileSlice,
+    permit: tokio::sync::SemaphorePermit<'static>,
+) -> io::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    /// Marks the send abandoned when the awaiting future goes away.
+    struct Abandon(Arc<AtomicBool>);
+    impl Drop for Abandon {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let sock = rustix::io::fcntl_dupfd_cloexec(stream, 0)?;
+    let slice = slice.clone();
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let _abandon = Abandon(abandoned.clone());
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let fd = slice
+            .fd()
+            .ok_or_else(|| io::Error::other("file without a descriptor"))?;
+        let mut position = slice.position();
+        let end = position + slice.len();
+        let mut progress_at = std::time::Instant::now();
+        while position < end {
+            let want = (end - position) as usize;
+            match rustix::fs::sendfile(&sock, fd, Some(&mut position), want) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(_) => progress_at = std::time::Instant::now(),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    if abandoned.load(Ordering::Relaxed) {
+                        return Err(io::ErrorKind::ConnectionAborted.into());
+                    }
+                    if progress_at.elapsed() > BLOCKING_SENDFILE_STALL {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    let mut fds = [rustix::event::PollFd::new(
+                        &sock,
+                        rustix::event::PollFlags::OUT,
+                    )];
+                    let wait = rustix::event::Timespec {
+                        tv_sec: 0,
+                        tv_nsec: BLOCKING_SENDFILE_POLL_MS * 1_000_000,
+                    };
+                    match rustix::event::poll(&mut fds, Some(&wait)) {
+                        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// `head`: the encoded head; a small body is appended to it.
