@@ -43,6 +43,17 @@ async fn post(c: &reqwest::Client, url: &str, seq: u64) -> reqwest::Response {
         .unwrap()
 }
 
+/// The stream's whole body, read from the start.
+async fn read_all(c: &reqwest::Client, url: &str) -> String {
+    c.get(format!("{url}?offset=-1"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// seq 1 sent before seq 0 is accepted once seq 0 arrives: both 200, in order.
 #[tokio::test]
 async fn overtaking_request_waits_for_its_predecessor() {
@@ -65,14 +76,7 @@ async fn overtaking_request_waits_for_its_predecessor() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(post(&c, &url, 0).await.status(), 200);
     assert_eq!(first.await.unwrap(), 200);
-    let body = c
-        .get(format!("{url}?offset=-1"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = read_all(&c, &url).await;
     assert_eq!(body, "m0;m1;");
 }
 
@@ -137,13 +141,6 @@ async fn reordered_chain_is_accepted_while_commits_stall() {
     for (seq, r) in [2, 1, 0].into_iter().zip(sent) {
         assert_eq!(r.await.unwrap(), 200, "seq {seq}");
     }
-    let body = c
-        .get(format!("{url}?offset=-1"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = read_all(&c, &url).await;
     assert_eq!(body, "m0;m1;m2;");
 }
