@@ -276,7 +276,7 @@ impl Server {
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
+            tune_accepted(&stream);
             match conns.slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     // Subscribed now, so a shutdown during the TLS handshake
@@ -326,6 +326,28 @@ const H2_MAX_CONCURRENT_STREAMS: u32 = 1000;
 const MAX_SHED_CONNECTIONS: usize = 256;
 /// Time allowed to answer a shed connection (TLS handshake included).
 const SHED_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Most bytes an accepted socket queues that the kernel has not yet
+/// transmitted (`TCP_NOTSENT_LOWAT`): the socket reports room to write, and
+/// `sendfile` adds to it, only below this. Bytes in flight are not limited
+/// (a distant reader still gets its full congestion window); only the
+/// queue behind them is. Why: without it a catch-up `sendfile` fills the
+/// autotuned send buffer (up to megabytes) far past the reader's receive
+/// window, and the queued bytes are then transmitted from the *reader's*
+/// context, when its acknowledgement opens the window: on loopback, the
+/// reading process paid for our transmits (5.5% of a reading core in a
+/// profile of 4 readers of a 64 MiB stream). Rotated A/B, ten rounds of
+/// that workload: 5349 MB/s against 4701 without (ahead in every round),
+/// server CPU per MB 0.103 against 0.123 ms. It also keeps a slow SSE or
+/// long-poll reader from holding megabytes of kernel memory.
+const TCP_NOTSENT_LOWAT_BYTES: u32 = 64 * 1024;
+
+/// Socket options for every accepted connection; best effort (a failure
+/// costs speed, not correctness).
+fn tune_accepted(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(TCP_NOTSENT_LOWAT_BYTES);
+}
 
 /// A listening socket, cleartext or TLS.
 #[derive(Debug)]
@@ -693,5 +715,25 @@ async fn sweep(state: Arc<AppState>) {
         if n > 0 {
             tracing::debug!(expired = n, "swept expired streams");
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    /// Accepted connections get `TCP_NODELAY` and the unsent-bytes bound.
+    #[tokio::test]
+    async fn accepted_sockets_are_tuned() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        super::tune_accepted(&stream);
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert_eq!(
+            sock.tcp_notsent_lowat().unwrap(),
+            super::TCP_NOTSENT_LOWAT_BYTES
+        );
     }
 }
