@@ -22,6 +22,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// The generator's allocator. With glibc's, reading 1 MiB responses (a
+/// JSON replay) spent much of the generator's core in page faults: each
+/// response's body is a fresh large allocation that glibc maps or trims
+/// back to the kernel when freed, so the next one faults its pages in again.
+/// That cost grows with the number of responses per byte, so it charged a
+/// server answering in 1 MiB pieces for the generator's allocator.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use servers::{Binaries, Kind};
 use workloads::{Ctx, Scale, VARIANTS};
 
