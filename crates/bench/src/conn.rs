@@ -146,42 +146,6 @@ pub fn enc(s: &str) -> String {
     out
 }
 
-/// Catch-up reads `path` from offset -1 to the tail, following
-/// `Stream-Next-Offset`, handing every body chunk to `f`. Returns the bytes
-/// read and the final offset.
-pub async fn read_to_tail(
-    conn: &mut Conn,
-    path: &str,
-    mut f: impl FnMut(&[u8]) -> Result<()>,
-) -> Result<(u64, String)> {
-    let mut off = "-1".to_string();
-    let mut total = 0u64;
-    loop {
-        let resp = conn
-            .send(
-                Method::GET,
-                &format!("{path}?offset={}", enc(&off)),
-                &[],
-                Bytes::new(),
-            )
-            .await?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            return Err(anyhow!("catch-up read of {path} at {off}: HTTP {status}"));
-        }
-        let next = header(resp.headers(), "stream-next-offset")
-            .ok_or_else(|| anyhow!("no Stream-Next-Offset"))?
-            .to_string();
-        let utd = resp.headers().contains_key("stream-up-to-date");
-        let n = for_each_frame(resp.into_body(), &mut f).await?;
-        total += n;
-        if utd || (n == 0 && next == off) {
-            return Ok((total, next));
-        }
-        off = next;
-    }
-}
-
 /// Incremental Server-Sent Events parser (CR characters are dropped, so
 /// `\r\n` framing works too).
 #[derive(Default)]

@@ -470,7 +470,7 @@ impl RawConn {
     }
 }
 
-/// As [`crate::conn::read_to_tail`], on a [`RawConn`]: catch-up reads from
+/// Catch-up reads from
 /// the start until the server says the reader is up to date, each body
 /// handed to `f` as it arrives. Returns the bytes read and the final offset.
 pub async fn read_to_tail(

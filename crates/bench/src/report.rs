@@ -78,9 +78,12 @@ const CHART: [(&str, &str); 17] = [
 struct Data {
     /// variant -> server -> metric -> values of ok rounds
     vals: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>>,
-    /// variant -> server -> (ok, total, errors)
-    runs: BTreeMap<String, BTreeMap<String, (usize, usize, Vec<String>)>>,
+    /// variant -> server -> runs
+    runs: BTreeMap<String, BTreeMap<String, RunCount>>,
 }
+
+/// Runs of one workload on one server: (ok, total, errors).
+type RunCount = (usize, usize, Vec<String>);
 
 impl Data {
     fn med(&self, variant: &str, server: &str, metric: &str) -> f64 {

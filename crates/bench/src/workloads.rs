@@ -13,7 +13,7 @@ use http::Method;
 use parking_lot::Mutex;
 use serde::Deserialize;
 
-use crate::conn::{enc, for_each_frame, read_to_tail, Conn, SseEvent, SseParser};
+use crate::conn::{enc, for_each_frame, Conn, SseEvent, SseParser};
 use crate::procfs::{self, Window};
 use crate::raw::RawConn;
 use crate::servers::Running;
@@ -170,7 +170,7 @@ fn parse_record(r: &[u8]) -> Result<(u32, u64)> {
 /// one extra record is allowed after a request whose outcome is unknown.
 fn verify_records(data: &[u8], acked: &[(u32, u64, bool)]) -> Result<()> {
     ensure!(
-        data.len() % REC == 0,
+        data.len().is_multiple_of(REC),
         "stream length {} is not a multiple of {REC}",
         data.len()
     );
@@ -195,9 +195,9 @@ fn verify_records(data: &[u8], acked: &[(u32, u64, bool)]) -> Result<()> {
     Ok(())
 }
 
-async fn read_all(c: &mut Conn, path: &str) -> Result<Vec<u8>> {
+async fn read_all(c: &mut RawConn, path: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    read_to_tail(c, path, |d| {
+    crate::raw::read_to_tail(c, path, |d| {
         out.extend_from_slice(d);
         Ok(())
     })
@@ -303,11 +303,11 @@ async fn appends(ctx: &Ctx<'_>, conns: usize, hot: bool) -> Result<Metrics> {
     lat.sort_unstable();
     // Read back and verify.
     if hot {
-        let data = read_all(&mut c, &paths[0]).await?;
+        let data = read_all(&mut RawConn::new(addr), &paths[0]).await?;
         verify_records(&data, &acked)?;
     } else {
         for (i, p) in paths.iter().enumerate() {
-            let data = read_all(&mut c, p).await?;
+            let data = read_all(&mut RawConn::new(addr), p).await?;
             verify_records(&data, &acked[i..=i])?;
         }
     }
@@ -439,7 +439,7 @@ async fn producers(ctx: &Ctx<'_>, inflight: usize) -> Result<Metrics> {
     let ops = lat.len() as f64;
     // Exactly-once: every issued seq stored once, in order.
     for (i, p) in prods.iter().enumerate() {
-        let data = read_all(&mut c, &format!("{PREFIX}/p{i}")).await?;
+        let data = read_all(&mut RawConn::new(addr), &format!("{PREFIX}/p{i}")).await?;
         let issued = p.next.load(Ordering::SeqCst);
         verify_records(&data, &[(i as u32, issued, false)])?;
     }
@@ -939,8 +939,8 @@ async fn lp_subscriber(
     sub: Arc<Mutex<Sub>>,
     ready: Arc<AtomicUsize>,
 ) -> Result<()> {
+    let (_, mut off) = crate::raw::read_to_tail(&mut RawConn::new(addr), &path, |_| Ok(())).await?;
     let mut conn = Conn::new(addr);
-    let (_, mut off) = read_to_tail(&mut conn, &path, |_| Ok(())).await?;
     let mut cursor: Option<String> = None;
     ready.fetch_add(1, Ordering::SeqCst);
     loop {
@@ -1094,8 +1094,7 @@ async fn idle_sse(ctx: &Ctx<'_>) -> Result<Metrics> {
     create(&mut c, &path, "text/plain", Bytes::new()).await?;
     // Warm the server's read path once, then take the baseline.
     {
-        let mut w = Conn::new(addr);
-        let _ = read_all(&mut w, &path).await?;
+        let _ = read_all(&mut RawConn::new(addr), &path).await?;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss0 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
@@ -1247,7 +1246,7 @@ async fn many_streams(ctx: &Ctx<'_>) -> Result<Metrics> {
     let rss1 = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("no RSS"))?;
     let (disk1, apparent1) = procfs::disk_usage(&ctx.srv.data_dir);
     // Verify a sample (and the first and last).
-    let mut c = Conn::new(addr);
+    let mut c = RawConn::new(addr);
     let step = (n / 500).max(1);
     for i in (0..n).step_by(step).chain([n - 1]) {
         let data = read_all(&mut c, &format!("{PREFIX}/m/{i}")).await?;

@@ -95,11 +95,7 @@ impl BoundaryScanner {
                 b'"' => self.in_string = true,
                 b'[' | b'{' => self.depth += 1,
                 b']' | b'}' => self.depth = self.depth.saturating_sub(1),
-                b',' if self.depth == 0 => {
-                    if !on_boundary(i + 1) {
-                        return;
-                    }
-                }
+                b',' if self.depth == 0 && !on_boundary(i + 1) => return,
                 _ => {}
             }
         }

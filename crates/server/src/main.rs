@@ -101,6 +101,8 @@ enum Command {
     Config(ConfigCommand),
 }
 
+// Parsed once at start-up: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
     /// Validate a config file and print the effective configuration.

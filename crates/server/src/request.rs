@@ -93,6 +93,16 @@ pub struct ReadQuery {
     pub cursor: Option<String>,
 }
 
+/// Stores a query parameter's value; a second value is an error.
+fn set_once(slot: &mut Option<String>, v: String, name: &str) -> Result<(), ApiError> {
+    match slot.replace(v) {
+        Some(_) => Err(ApiError::bad_request(format!(
+            "{name} given more than once"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses the query of a GET. Unknown parameters are ignored; a repeated
 /// or empty `offset` is an error; live modes require an offset.
 pub fn parse_read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
@@ -101,16 +111,8 @@ pub fn parse_read_query(query: Option<&str>) -> Result<ReadQuery, ApiError> {
     let mut cursor = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "offset" => {
-                if offset.replace(v.into_owned()).is_some() {
-                    return Err(ApiError::bad_request("offset given more than once"));
-                }
-            }
-            "live" => {
-                if live.replace(v.into_owned()).is_some() {
-                    return Err(ApiError::bad_request("live given more than once"));
-                }
-            }
+            "offset" => set_once(&mut offset, v.into_owned(), "offset")?,
+            "live" => set_once(&mut live, v.into_owned(), "live")?,
             "cursor" => cursor = Some(v.into_owned()),
             _ => {}
         }
