@@ -905,6 +905,44 @@ impl ForwardAuth {
     }
 }
 
+/// The auth layer's state, replaceable while the server runs:
+/// [`AuthHandle::reload`] builds a new [`Auth`] from the same configuration,
+/// re-reading the key files (`hs_secret_file`, `public_key_files`,
+/// `jwks_file`), so signing keys rotate without a restart (the server
+/// binary reloads on SIGHUP). A request keeps the keys it started with.
+#[derive(Debug)]
+pub struct AuthHandle {
+    config: AuthConfig,
+    prefix: String,
+    current: parking_lot::RwLock<Arc<Auth>>,
+}
+
+impl AuthHandle {
+    /// A configuration that does not load fails closed, as
+    /// [`Auth::for_router`].
+    pub fn new(c: &AuthConfig, path_prefix: &str) -> AuthHandle {
+        AuthHandle {
+            config: c.clone(),
+            prefix: path_prefix.to_owned(),
+            current: parking_lot::RwLock::new(Auth::for_router(c, path_prefix)),
+        }
+    }
+
+    fn current(&self) -> Arc<Auth> {
+        self.current.read().clone()
+    }
+
+    /// Rebuilds the auth state from the configuration, re-reading its key
+    /// files. On an error (a file missing or not parsing) the keys in force
+    /// stay, so a botched rotation does not lock every client out. Cached
+    /// forward-auth decisions are dropped with the old state.
+    pub fn reload(&self) -> Result<(), AuthConfigError> {
+        let fresh = Auth::from_config(&self.config, &self.prefix)?;
+        *self.current.write() = Arc::new(fresh);
+        Ok(())
+    }
+}
+
 /// The auth layer's state: every key parsed and every client built once.
 #[derive(Debug)]
 pub struct Auth {
@@ -1361,7 +1399,8 @@ pub struct Principal {
 }
 
 /// The middleware: authenticate, authorise, then run the rest of the stack.
-pub async fn layer(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
+pub async fn layer(State(handle): State<Arc<AuthHandle>>, req: Request, next: Next) -> Response {
+    let auth = handle.current();
     // Preflight is answered by the outer policy layer; if this router is
     // mounted without it, preflight still needs no credential.
     if req.method() == Method::OPTIONS {

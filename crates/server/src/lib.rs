@@ -148,6 +148,16 @@ impl Server {
         &self.state
     }
 
+    /// Re-reads the auth key files (see [`auth::AuthHandle::reload`]), for
+    /// rotating keys without a restart. `Ok(false)`: auth is off. On an
+    /// error the keys in force stay.
+    pub fn reload_auth(&self) -> Result<bool, auth::AuthConfigError> {
+        match &self.state.auth {
+            None => Ok(false),
+            Some(h) => h.reload().map(|()| true),
+        }
+    }
+
     /// The protocol as an axum router: `GET /healthz` and every stream
     /// operation under the path prefix, with CORS and security headers.
     ///
@@ -173,10 +183,13 @@ impl Server {
                 ratelimit::layer,
             ));
         }
-        if cfg.auth.enabled() {
-            // Keys parsed and clients built once here, not per request.
-            let auth = auth::Auth::for_router(&cfg.auth, &cfg.path_prefix);
-            router = router.layer(axum::middleware::from_fn_with_state(auth, auth::layer));
+        if let Some(auth) = &state.auth {
+            // Keys parsed and clients built once (and on reload), not per
+            // request; every router of this server shares them.
+            router = router.layer(axum::middleware::from_fn_with_state(
+                auth.clone(),
+                auth::layer,
+            ));
         }
         router.layer(axum::middleware::from_fn_with_state(state, layers::policy))
     }

@@ -35,7 +35,8 @@ protocol is chosen by ALPN; cleartext listeners accept HTTP/2 with prior \
 knowledge (h2c).
 
 Signals: SIGINT/SIGTERM stop accepting and drain (bounded by \
---shutdown-grace); SIGHUP re-reads the TLS certificate and key.
+--shutdown-grace); SIGHUP re-reads the TLS certificate and key and the \
+auth key files.
 
 Examples:
   durable-streams-server dev
@@ -155,10 +156,12 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-/// Re-reads the TLS certificate on every SIGHUP. Installed even without
-/// TLS, so a stray SIGHUP does not kill the server (its default action).
+/// On every SIGHUP re-reads the TLS certificate and key and the auth key
+/// files; a reload that fails keeps what is in force. Installed even
+/// without either, so a stray SIGHUP does not kill the server (its default
+/// action).
 #[cfg(unix)]
-fn reload_on_sighup(tls: Option<TlsContext>) -> anyhow::Result<()> {
+fn reload_on_sighup(tls: Option<TlsContext>, server: Server) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     tokio::spawn(async move {
@@ -174,13 +177,20 @@ fn reload_on_sighup(tls: Option<TlsContext>) -> anyhow::Result<()> {
                     }
                 },
             }
+            match server.reload_auth() {
+                Ok(false) => {}
+                Ok(true) => tracing::info!("SIGHUP: auth keys reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: auth reload failed; keeping the previous keys")
+                }
+            }
         }
     });
     Ok(())
 }
 
 #[cfg(not(unix))]
-fn reload_on_sighup(_tls: Option<TlsContext>) -> anyhow::Result<()> {
+fn reload_on_sighup(_tls: Option<TlsContext>, _server: Server) -> anyhow::Result<()> {
     Ok(())
 }
 
@@ -275,7 +285,6 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    reload_on_sighup(tls.clone())?;
     let mut listeners = Vec::new();
     let plain = settings.server.plain_listen.iter().map(|a| (a, None));
     let main = settings.server.listen.iter().map(|a| (a, tls.clone()));
@@ -288,10 +297,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             None => Listener::plain(tcp),
         });
     }
-    for l in &listeners {
-        let addr = l.local_addr()?;
-        tracing::info!(%addr, tls = l.is_tls(), prefix = %config.path_prefix, engine = engine_name, "durable-streams-server listening");
-    }
+    let path_prefix = config.path_prefix.clone();
     let mut builder = Server::builder().config(config).engine(engine);
     if let Some(dir) = &data_dir {
         builder = builder.subscriptions_dir(dir.join("subscriptions"));
@@ -299,6 +305,13 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let server = builder
         .try_build()
         .context("cannot open subscription state")?;
+    // Before "listening" is logged: a SIGHUP sent once the server says it
+    // listens must find the handler (the default action ends the process).
+    reload_on_sighup(tls, server.clone())?;
+    for l in &listeners {
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, tls = l.is_tls(), prefix = %path_prefix, engine = engine_name, "durable-streams-server listening");
+    }
     server.serve(listeners, shutdown_signal()).await?;
     Ok(())
 }

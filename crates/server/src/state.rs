@@ -50,6 +50,9 @@ pub struct AppState {
     live_per_stream: Mutex<HashMap<String, Arc<StreamShare>>>,
     /// Bounds what the SSE fan-out caches hold together.
     sse_cache_budget: Arc<Budget>,
+    /// The auth layer's keys, when auth is configured (shared by every
+    /// router of the server, replaced on reload).
+    pub(crate) auth: Option<Arc<crate::auth::AuthHandle>>,
 }
 
 impl AppState {
@@ -59,9 +62,16 @@ impl AppState {
         config: ServerConfig,
         hooks: Hooks,
     ) -> Self {
+        let auth = config.auth.enabled().then(|| {
+            Arc::new(crate::auth::AuthHandle::new(
+                &config.auth,
+                &config.path_prefix,
+            ))
+        });
         AppState {
             engine,
             subscriptions,
+            auth,
             config,
             hooks,
             metrics: crate::metrics::Metrics::default(),

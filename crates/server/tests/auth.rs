@@ -4,6 +4,9 @@
 //! runs as a library on port 0 with an `[auth]` configuration per test.
 #![allow(clippy::unwrap_used)]
 
+mod served;
+mod support;
+
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
@@ -65,6 +68,8 @@ const ALL_TOKEN: &str = "all-streams-token";
 
 struct TestServer {
     base: String,
+    /// `None` for the server binary.
+    server: Option<Server>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     client: reqwest::Client,
 }
@@ -92,11 +97,12 @@ async fn start(auth: AuthConfig) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(listener, async {
+    tokio::spawn(server.clone().run(listener, async {
         let _ = rx.await;
     }));
     TestServer {
         base: format!("http://{addr}"),
+        server: Some(server),
         stop: Some(tx),
         client: reqwest::Client::new(),
     }
@@ -409,6 +415,86 @@ async fn jwks_file_selects_key_by_kid() {
     assert_eq!(status(&s, M::PUT, "c", Some(&mismatched)).await, 401);
     let unknown = sign(Algorithm::EdDSA, Some("k9"), &k2.encoding, &c);
     assert_eq!(status(&s, M::PUT, "d", Some(&unknown)).await, 401);
+}
+
+/// `reload_auth` re-reads a rotated HS256 secret file: tokens signed with
+/// the new secret are accepted and the old ones refused from then on, not
+/// before; a reload that cannot read the file fails and keeps the keys.
+#[tokio::test]
+async fn reload_rotates_key_files() {
+    let file = temp_file("rotating-secret", "first-secret-0123456789abcdef0123456789");
+    let cfg = AuthConfig {
+        jwt: Some(JwtConfig {
+            hs_secret_file: Some(file.clone()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let s = start(cfg).await;
+    let c = claims("svc", json!([{ "prefix": "", "ops": ["create"] }]), 600);
+    let signed = |secret: &str| {
+        sign(
+            Algorithm::HS256,
+            None,
+            &EncodingKey::from_secret(secret.as_bytes()),
+            &c,
+        )
+    };
+    let first = signed("first-secret-0123456789abcdef0123456789");
+    let second = signed("second-secret-0123456789abcdef012345678");
+    assert_eq!(status(&s, M::PUT, "r1", Some(&first)).await, 201);
+
+    std::fs::write(&file, "second-secret-0123456789abcdef012345678\n").unwrap();
+    // Written but not reloaded: the first secret is still the one in force.
+    assert_eq!(status(&s, M::PUT, "r2", Some(&second)).await, 401);
+    assert_eq!(status(&s, M::PUT, "r2", Some(&first)).await, 201);
+
+    assert!(s.server.as_ref().unwrap().reload_auth().unwrap());
+    assert_eq!(status(&s, M::PUT, "r3", Some(&first)).await, 401);
+    assert_eq!(status(&s, M::PUT, "r3", Some(&second)).await, 201);
+
+    std::fs::remove_file(&file).unwrap();
+    assert!(s.server.as_ref().unwrap().reload_auth().is_err());
+    assert_eq!(status(&s, M::PUT, "r4", Some(&second)).await, 201);
+}
+
+/// The binary reloads the auth key files on SIGHUP.
+#[tokio::test]
+async fn sighup_reloads_auth_keys() {
+    let dir = served::TempDir::new("auth-hup");
+    let key_file = dir.write("secret", "hup-first-secret-0123456789abcdef01234567");
+    let cfg = dir.write(
+        "ds.toml",
+        &format!("[auth.jwt]\nhs_secret_file = {key_file:?}\n"),
+    );
+    let srv = served::Served::start(&["dev", "--port", "0", "--config", &cfg], &[], 1);
+    let s = TestServer {
+        base: format!("http://{}", srv.addr(false)),
+        server: None,
+        stop: None,
+        client: reqwest::Client::new(),
+    };
+    let c = claims("svc", json!([{ "prefix": "", "ops": ["create"] }]), 600);
+    let signed = |secret: &str| {
+        sign(
+            Algorithm::HS256,
+            None,
+            &EncodingKey::from_secret(secret.as_bytes()),
+            &c,
+        )
+    };
+    let first = signed("hup-first-secret-0123456789abcdef01234567");
+    let second = signed("hup-second-secret-0123456789abcdef0123456");
+    assert_eq!(status(&s, M::PUT, "h1", Some(&first)).await, 201);
+    std::fs::write(&key_file, "hup-second-secret-0123456789abcdef0123456").unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &srv.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(srv.wait_for_log("auth keys reloaded"), "{}", srv.log());
+    assert_eq!(status(&s, M::PUT, "h2", Some(&first)).await, 401);
+    assert_eq!(status(&s, M::PUT, "h2", Some(&second)).await, 201);
 }
 
 /// State of the stand-in forward-auth backend: calls and the last URI it was asked about.
