@@ -404,8 +404,12 @@ buffer); reads for fan-out and replay use hyper's client or a plain socket.
 With hyper's client for everything, the generator's core was saturated at
 256 connections (~15 µs per append) and in catch-up reads while the
 servers' cores still had time to spare, so every server met the same
-ceiling and the throughput ratios said little. A generator core that is
-still the limit shows as a ratio near 1.0 with a lower CPU per operation.
+ceiling and the throughput ratios said little. The generator allocates
+with mimalloc: with glibc's allocator, a replay read in 1 MiB responses
+spent much of the generator's core faulting in each response's freshly
+mapped body, a cost that grows with the number of responses, not with the
+server's work. A generator core that is still the limit shows as a ratio
+near 1.0 with a lower CPU per operation.
 
 Server CPU is utime+stime from `/proc/PID/stat` over the measured phase; memory is VmRSS/VmHWM from `/proc/PID/status`.
 fsync calls are counted by the kernel: `perf stat -e syscalls:sys_enter_{fsync,fdatasync,syncfs,sync_file_range,msync} -p PID`
