@@ -482,6 +482,75 @@ async fn reader_leaving_mid_body_is_harmless() {
     assert!(got == data);
 }
 
+/// A reader slower than the server, behind a tiny receive buffer, makes
+/// the send wait for room in the socket again and again (the blocking-pool
+/// `sendfile` and its `poll`); every byte still arrives, in order, through
+/// `sendfile`, and the connection serves the next request.
+#[tokio::test]
+async fn slow_reader_gets_every_byte_of_a_large_body() {
+    let dir = DataDir::new("slow");
+    let srv = ServerProc::start(&["--data-dir", dir.arg()]);
+    let data = pattern(3 * 1024 * 1024 + 7);
+    let mut w = Conn::open(srv.addr).await;
+    create_with(&mut w, "/v1/stream/slow", &data).await;
+    wait_written(srv.addr).await;
+    let zero_copy_before = zero_copy_bytes(srv.addr).await;
+
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let s = sock.connect(srv.addr).await.unwrap();
+    let mut c = Conn { s, buf: Vec::new() };
+    let mut got = Vec::new();
+    let mut offset = "-1".to_string();
+    loop {
+        let req = format!("GET /v1/stream/slow?offset={offset} HTTP/1.1\r\nhost: t\r\n\r\n");
+        c.s.write_all(req.as_bytes()).await.unwrap();
+        // Read the head, then the body a few KiB at a time with pauses, so
+        // the server keeps finding the socket full.
+        let status = c.line().await;
+        assert!(status.contains(" 200 "), "{status}");
+        let mut len = None;
+        let mut next = None;
+        let mut up_to_date = false;
+        loop {
+            let l = c.line().await;
+            if l.is_empty() {
+                break;
+            }
+            let (n, v) = l.split_once(':').unwrap();
+            match n.trim().to_ascii_lowercase().as_str() {
+                "content-length" => len = Some(v.trim().parse::<usize>().unwrap()),
+                "stream-next-offset" => next = Some(v.trim().to_string()),
+                "stream-up-to-date" => up_to_date = true,
+                _ => {}
+            }
+        }
+        let mut left = len.expect("a sized body");
+        let mut reads = 0u32;
+        while left > 0 {
+            let piece = c.take(left.min(4096)).await;
+            left -= piece.len();
+            got.extend_from_slice(&piece);
+            reads += 1;
+            if reads % 32 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        offset = next.expect("Stream-Next-Offset");
+        if up_to_date {
+            break;
+        }
+    }
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "bytes differ");
+    assert_eq!(
+        zero_copy_bytes(srv.addr).await - zero_copy_before,
+        data.len() as u64
+    );
+    let r = c.request("GET", "/healthz", "", b"").await;
+    assert_eq!(r.status, 200);
+}
+
 /// Appends on one keep-alive connection, with the body in the same packet
 /// as the head, in a later packet, or byte by byte, all land once and in
 /// order; idempotent-producer answers are unchanged on this path.
