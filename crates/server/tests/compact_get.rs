@@ -532,7 +532,7 @@ async fn slow_reader_gets_every_byte_of_a_large_body() {
             left -= piece.len();
             got.extend_from_slice(&piece);
             reads += 1;
-            if reads % 32 == 0 {
+            if reads.is_multiple_of(32) {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
