@@ -417,6 +417,17 @@ async fn jwks_file_selects_key_by_kid() {
     assert_eq!(status(&s, M::PUT, "d", Some(&unknown)).await, 401);
 }
 
+/// An HS256 token allowing `create` everywhere, signed with `secret`.
+fn create_token(secret: &str) -> String {
+    let c = claims("svc", json!([{ "prefix": "", "ops": ["create"] }]), 600);
+    sign(
+        Algorithm::HS256,
+        None,
+        &EncodingKey::from_secret(secret.as_bytes()),
+        &c,
+    )
+}
+
 /// `reload_auth` re-reads a rotated HS256 secret file: tokens signed with
 /// the new secret are accepted and the old ones refused from then on, not
 /// before; a reload that cannot read the file fails and keeps the keys.
@@ -431,17 +442,8 @@ async fn reload_rotates_key_files() {
         ..Default::default()
     };
     let s = start(cfg).await;
-    let c = claims("svc", json!([{ "prefix": "", "ops": ["create"] }]), 600);
-    let signed = |secret: &str| {
-        sign(
-            Algorithm::HS256,
-            None,
-            &EncodingKey::from_secret(secret.as_bytes()),
-            &c,
-        )
-    };
-    let first = signed("first-secret-0123456789abcdef0123456789");
-    let second = signed("second-secret-0123456789abcdef012345678");
+    let first = create_token("first-secret-0123456789abcdef0123456789");
+    let second = create_token("second-secret-0123456789abcdef012345678");
     assert_eq!(status(&s, M::PUT, "r1", Some(&first)).await, 201);
 
     std::fs::write(&file, "second-secret-0123456789abcdef012345678\n").unwrap();
@@ -474,17 +476,8 @@ async fn sighup_reloads_auth_keys() {
         stop: None,
         client: reqwest::Client::new(),
     };
-    let c = claims("svc", json!([{ "prefix": "", "ops": ["create"] }]), 600);
-    let signed = |secret: &str| {
-        sign(
-            Algorithm::HS256,
-            None,
-            &EncodingKey::from_secret(secret.as_bytes()),
-            &c,
-        )
-    };
-    let first = signed("hup-first-secret-0123456789abcdef01234567");
-    let second = signed("hup-second-secret-0123456789abcdef0123456");
+    let first = create_token("hup-first-secret-0123456789abcdef01234567");
+    let second = create_token("hup-second-secret-0123456789abcdef0123456");
     assert_eq!(status(&s, M::PUT, "h1", Some(&first)).await, 201);
     std::fs::write(&key_file, "hup-second-secret-0123456789abcdef0123456").unwrap();
     let st = std::process::Command::new("kill")
