@@ -262,6 +262,12 @@ impl RawConn {
         body: &[u8],
     ) -> Result<RawResp> {
         let r = self.exchange(method, path, headers, body).await;
+        self.drop_on_err(r)
+    }
+
+    /// Passes `r` on; an error also drops the connection (its state is
+    /// unknown), so the next request opens a fresh one.
+    fn drop_on_err<T>(&mut self, r: Result<T>) -> Result<T> {
         if r.is_err() {
             self.sock = None;
         }
@@ -278,10 +284,7 @@ impl RawConn {
         f: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<(RawResp, u64)> {
         let r = self.get_each_inner(path, f).await;
-        if r.is_err() {
-            self.sock = None;
-        }
-        r
+        self.drop_on_err(r)
     }
 
     async fn get_each_inner(
