@@ -507,25 +507,13 @@ async fn slow_reader_gets_every_byte_of_a_large_body() {
         c.s.write_all(req.as_bytes()).await.unwrap();
         // Read the head, then the body a few KiB at a time with pauses, so
         // the server keeps finding the socket full.
-        let status = c.line().await;
-        assert!(status.contains(" 200 "), "{status}");
-        let mut len = None;
-        let mut next = None;
-        let mut up_to_date = false;
-        loop {
-            let l = c.line().await;
-            if l.is_empty() {
-                break;
-            }
-            let (n, v) = l.split_once(':').unwrap();
-            match n.trim().to_ascii_lowercase().as_str() {
-                "content-length" => len = Some(v.trim().parse::<usize>().unwrap()),
-                "stream-next-offset" => next = Some(v.trim().to_string()),
-                "stream-up-to-date" => up_to_date = true,
-                _ => {}
-            }
-        }
-        let mut left = len.expect("a sized body");
+        let head = c.response(true).await;
+        assert_eq!(head.status, 200);
+        let mut left: usize = head
+            .header("content-length")
+            .expect("a sized body")
+            .parse()
+            .unwrap();
         let mut reads = 0u32;
         while left > 0 {
             let piece = c.take(left.min(4096)).await;
@@ -536,8 +524,11 @@ async fn slow_reader_gets_every_byte_of_a_large_body() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        offset = next.expect("Stream-Next-Offset");
-        if up_to_date {
+        offset = head
+            .header("stream-next-offset")
+            .expect("Stream-Next-Offset")
+            .to_string();
+        if head.header("stream-up-to-date").is_some() {
             break;
         }
     }
