@@ -22,6 +22,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use servers::{Binaries, Kind};
+use workloads::{Ctx, Scale, VARIANTS};
+
 /// The generator's allocator. With glibc's, reading 1 MiB responses (a
 /// JSON replay) spent much of the generator's core in page faults: each
 /// response's body is a fresh large allocation that glibc maps or trims
@@ -30,9 +33,6 @@ use serde::{Deserialize, Serialize};
 /// server answering in 1 MiB pieces for the generator's allocator.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use servers::{Binaries, Kind};
-use workloads::{Ctx, Scale, VARIANTS};
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Record {

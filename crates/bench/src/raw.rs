@@ -473,9 +473,8 @@ impl RawConn {
     }
 }
 
-/// Catch-up reads from
-/// the start until the server says the reader is up to date, each body
-/// handed to `f` as it arrives. Returns the bytes read and the final offset.
+/// Catch-up reads from the start until the server says the reader is up to
+/// date, each body handed to `f` as it arrives. Returns the bytes read and the final offset.
 pub async fn read_to_tail(
     conn: &mut RawConn,
     path: &str,

@@ -1694,7 +1694,6 @@ fn finish_recovery(
             None => {}
         }
     }
-    // `get` borrows `new_dirs` mutably until its last use above.
     for d in &new_dirs {
         vfs.sync_dir(d)?;
     }
