@@ -1,5 +1,6 @@
 use super::catalog::{Catalog, Effect};
 use super::codec::{self, AppendRec, CreateRec, ForkRec, Record, WAL_HEADER_LEN, WAL_MAGIC};
+use super::marks;
 use super::vfs::{Vfs, VfsFile};
 use crate::memory::expires_at_ms;
 use crate::metrics::{
@@ -96,6 +97,9 @@ pub struct FileStats {
     pub unflushed_bytes: AtomicU64,
     /// Writes of held bytes to data files (one per stream per flush).
     pub data_flushes: AtomicU64,
+    /// Bytes of JSON data scanned at start-up for message boundaries the
+    /// persisted index lacked (docs/storage.md, "Boundary index").
+    pub recovery_boundary_scan_bytes: AtomicU64,
 }
 
 impl Default for FileStats {
@@ -112,6 +116,7 @@ impl Default for FileStats {
             checkpoint_file_bytes: AtomicU64::new(0),
             unflushed_bytes: AtomicU64::new(0),
             data_flushes: AtomicU64::new(0),
+            recovery_boundary_scan_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -209,25 +214,12 @@ struct PState {
     created: bool,
     durable_tail: u64,
     durable_closed: bool,
-    /// JSON streams: message boundaries known from appends, at least
-    /// `JSON_MARK_SPACING` apart (sparse, in memory only; after a restart
-    /// older data is scanned from the read's start instead).
+    /// JSON streams: the sparse boundary index (`marks`), recorded as
+    /// appends are accepted and loaded at start-up.
     json_marks: Vec<u64>,
-}
-
-/// Records the ends of `records` (JSON mode: one message each, stored from
-/// `start`) in the sparse boundary index, at least `JSON_MARK_SPACING`
-/// apart. Marks inside an append matter: with 100 KB appends, marks at
-/// append ends only made every read scan up to 100 KB for its cut (a
-/// quarter of the server's CPU in a JSON replay).
-fn push_json_marks(marks: &mut Vec<u64>, start: u64, records: &[Bytes]) {
-    let mut at = start;
-    for r in records {
-        at += r.len() as u64;
-        if marks.last().is_none_or(|m| at - m >= JSON_MARK_SPACING) {
-            marks.push(at);
-        }
-    }
+    /// How many of `json_marks` are in the stream's index file (only the
+    /// committer changes it, at checkpoints).
+    marks_persisted: usize,
 }
 
 /// Streams flushed per committer cycle because their time was up: when
@@ -239,9 +231,6 @@ const MAX_TIMED_FLUSHES: usize = 256;
 /// Reads up to this size are done on the calling task, larger ones on the
 /// blocking pool.
 const INLINE_READ_BYTES: u64 = 64 * 1024;
-
-/// Spacing of the sparse JSON boundary index (bytes): bounds the scan per read.
-const JSON_MARK_SPACING: u64 = 16 * 1024;
 
 impl FStream {
     fn meta(&self, st: &PState) -> StreamMeta {
@@ -327,6 +316,9 @@ impl FileCache {
             None => self.vfs.open(&path, false).and_then(|f| f.len()),
         }
         .unwrap_or(0);
+        // A JSON stream's boundary index goes with its data (most streams
+        // have none).
+        let _ = self.vfs.remove_file(&marks::path(&self.dir, id));
         match self.vfs.remove_file(&path) {
             Ok(()) => len,
             Err(_) => 0,
@@ -497,7 +489,7 @@ impl FileEngine {
         clock: Arc<dyn Clock>,
     ) -> Result<FileEngine, StorageError> {
         let dir = dir.as_ref().to_path_buf();
-        let (catalog, wal) = recover(&dir, vfs.as_ref()).map_err(io_err)?;
+        let (catalog, wal, (marks, scanned)) = recover(&dir, vfs.as_ref()).map_err(io_err)?;
         let files = FileCache {
             vfs: vfs.clone(),
             dir: dir.clone(),
@@ -525,7 +517,11 @@ impl FileEngine {
             stats: FileStats::default(),
             committer: Mutex::new(None),
         });
-        inner.load_live(&catalog);
+        inner.load_live(&catalog, marks);
+        inner
+            .stats
+            .recovery_boundary_scan_bytes
+            .store(scanned, Ordering::Relaxed);
         // Disk usage after recovery: every data file was cut to its
         // stream's length, one fresh WAL segment and one checkpoint remain.
         inner.stats.data_file_bytes.store(
@@ -561,6 +557,7 @@ impl FileEngine {
                     held_bytes: 0,
                     flush_now: Vec::new(),
                     flush_buf: Vec::new(),
+                    json_written: HashMap::new(),
                 }
                 .run(rx)
             })
@@ -597,7 +594,9 @@ impl FileEngine {
 }
 
 impl Inner {
-    fn load_live(&self, cat: &Catalog) {
+    /// Builds the streams of the recovered catalog; `marks` holds the JSON
+    /// streams' boundary indexes (all persisted).
+    fn load_live(&self, cat: &Catalog, mut marks: HashMap<u64, Vec<u64>>) {
         let now = self.clock.now_ms();
         let slack = self.opts.touch_flush_interval.as_millis() as u64 + 1000;
         let mut by_id: HashMap<u64, Arc<FStream>> = HashMap::new();
@@ -611,7 +610,7 @@ impl Inner {
                 Expiry::TtlSecs(_) => (s.last_access_ms + slack).min(now.max(s.last_access_ms)),
                 _ => s.last_access_ms,
             };
-            let st = PState {
+            let mut st = PState {
                 tail: s.tail,
                 w: WriterState {
                     closed: s.closed,
@@ -628,8 +627,10 @@ impl Inner {
                 created: true,
                 durable_tail: s.tail,
                 durable_closed: s.closed,
-                json_marks: Vec::new(),
+                json_marks: marks.remove(&s.id).unwrap_or_default(),
+                marks_persisted: 0,
             };
+            st.marks_persisted = st.json_marks.len();
             let (signal, _) = watch::channel(Signal {
                 tail: Offset(s.tail),
                 closed: s.closed,
@@ -821,7 +822,39 @@ impl Inner {
             ReadFrom::At(o) if o.0 > tail => return Err(StorageError::OffsetBeyondTail),
             ReadFrom::At(o) => o.0,
         };
+        if s.json && matches!(from, ReadFrom::At(_)) && !self.json_is_boundary(s, start, tail)? {
+            return Err(StorageError::OffsetNotAligned);
+        }
         Ok((meta, start))
+    }
+
+    /// Whether `at` (at most `tail`, a boundary) is a message boundary of
+    /// the JSON stream `s`: a scan from the nearest mark at or before `at`,
+    /// so at most about `marks::SPACING` bytes. An offset below a fork's
+    /// base is checked in its source (the base itself is a boundary of
+    /// both: fork points are checked when the fork is made).
+    fn json_is_boundary(&self, s: &Arc<FStream>, at: u64, tail: u64) -> Result<bool, StorageError> {
+        if at == tail || at == s.base || at == 0 {
+            return Ok(true);
+        }
+        if at < s.base {
+            let src = s
+                .source
+                .as_ref()
+                .ok_or_else(|| StorageError::Io("fork without source".into()))?;
+            return self.json_is_boundary(src, at, s.base);
+        }
+        let mut from = s.json_mark_at_or_before(at).unwrap_or(s.base).max(s.base);
+        let mut sc = BoundaryScanner::default();
+        let mut last = from;
+        while from < at {
+            let end = (from + 64 * 1024).min(at);
+            let mut parts = Vec::new();
+            self.read_range(s, from, end, &mut parts)?;
+            last = last_boundary(&mut sc, &parts, from, from).unwrap_or(last);
+            from = end;
+        }
+        Ok(last == at)
     }
 
     /// Reads stored bytes `from..end` across the fork chain.
@@ -872,7 +905,7 @@ impl Inner {
 
     /// The last JSON message boundary in `(start, end]`, scanning only from
     /// the nearest sparse-index mark at or before `end` (at most
-    /// `JSON_MARK_SPACING` bytes, plus one message). `None` when the range
+    /// `marks::SPACING` bytes, plus one message). `None` when the range
     /// holds no boundary (its first message is longer than the range).
     fn json_cut(
         &self,
@@ -954,6 +987,9 @@ struct Committer {
     /// Reused buffer a stream's held bytes are copied to for writing, so
     /// readers are not blocked during the write.
     flush_buf: Vec<u8>,
+    /// JSON streams written since the last checkpoint: their new marks go
+    /// to their index files at the next one.
+    json_written: HashMap<u64, Arc<FStream>>,
 }
 
 impl Committer {
@@ -1322,6 +1358,9 @@ impl Committer {
         for d in &data {
             m.buf.extend_from_slice(d);
         }
+        if s.json && !self.json_written.contains_key(&s.id) {
+            self.json_written.insert(s.id, s.clone());
+        }
         if m.buf.len() as u64 >= self.inner.opts.data_flush_stream_bytes {
             self.flush_now.push(s.id);
         }
@@ -1452,8 +1491,40 @@ impl Committer {
         Ok(())
     }
 
-    /// Syncs data files, rotates the WAL, writes the catalog, and drops the
-    /// segments it covers. Order matters: see docs/storage.md.
+    /// Appends the marks of the JSON streams written since the last
+    /// checkpoint to their index files (called after `flush_all`, so every
+    /// durable byte is in its data file); returns the files written, for
+    /// the checkpoint to sync. A mark of bytes not yet durable (accepted
+    /// into the batch being built) waits for the next checkpoint.
+    fn write_marks(&mut self) -> io::Result<Vec<(u64, Arc<dyn VfsFile>)>> {
+        let mut written = Vec::new();
+        for (id, s) in std::mem::take(&mut self.json_written) {
+            let flushed = s.mem.lock().start;
+            let (from, new) = {
+                let st = s.state.lock();
+                if st.removed {
+                    continue; // its files are gone or going
+                }
+                let from = st.marks_persisted;
+                let upto = st.json_marks.partition_point(|m| *m <= flushed);
+                if upto <= from {
+                    continue;
+                }
+                (from, marks::encode(id, &st.json_marks[from..upto]))
+            };
+            let path = marks::path(&self.inner.dir, id);
+            // The data file's directory exists: it was written to.
+            let f = self.inner.vfs.open(&path, true)?;
+            f.write_all_at(&new, (from * marks::ENTRY_BYTES) as u64)?;
+            s.state.lock().marks_persisted = from + new.len() / marks::ENTRY_BYTES;
+            written.push((id, f));
+        }
+        Ok(written)
+    }
+
+    /// Syncs data files and boundary indexes, rotates the WAL, writes the
+    /// catalog, and drops the segments it covers. Order matters: see
+    /// docs/storage.md.
     fn checkpoint(&mut self) -> io::Result<()> {
         // The checkpoint stops covering WAL records: their bytes must be in
         // the data files first.
@@ -1461,14 +1532,19 @@ impl Committer {
         let vfs = self.inner.vfs.clone();
         let dir = self.inner.dir.clone();
         let dirty: Vec<u64> = self.dirty.drain().collect();
+        let indexes = self.write_marks()?;
         // Many files: one file-system-wide sync beats one sync per file.
-        if !(dirty.len() > 16 && vfs.sync_filesystem(&dir.join("data"))?) {
+        if !(dirty.len() + indexes.len() > 16 && vfs.sync_filesystem(&dir.join("data"))?) {
             let mut shards = HashSet::new();
             for id in &dirty {
                 // A file removed since it was written needs no sync.
                 if let Ok(f) = self.inner.files.get(*id, false) {
                     f.sync_data()?;
                 }
+                shards.insert(id % 256);
+            }
+            for (id, f) in &indexes {
+                f.sync_data()?;
                 shards.insert(id % 256);
             }
             for s in &shards {
@@ -1552,7 +1628,7 @@ fn corrupt(msg: String) -> io::Error {
 
 /// Recovery (docs/storage.md): checkpoint + WAL replay, torn-tail repair,
 /// data-file repair, then a fresh checkpoint and segment.
-fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal)> {
+fn recover(dir: &Path, vfs: &dyn Vfs) -> io::Result<(Catalog, Wal, RecoveredMarks)> {
     vfs.create_dir_all(&dir.join("wal"))?;
     vfs.create_dir_all(&dir.join("data"))?;
     vfs.lock_dir(dir)?;
@@ -1620,7 +1696,7 @@ fn finish_recovery(
     cat: Catalog,
     effects: Vec<Effect>,
     segs: Vec<u64>,
-) -> io::Result<(Catalog, Wal)> {
+) -> io::Result<(Catalog, Wal, RecoveredMarks)> {
     // Re-apply the replayed data to the data files (idempotent positional
     // writes), then cut every data file to its stream's length. At most 64
     // files are open at once, whatever the number of streams.
@@ -1698,22 +1774,34 @@ fn finish_recovery(
         vfs.sync_dir(d)?;
     }
     // Remove data files of streams the catalog does not know (deleted
-    // streams whose removal did not reach the disk).
+    // streams whose removal did not reach the disk), and boundary indexes
+    // of streams that are not JSON streams the catalog knows.
+    let mut has_index = HashSet::new();
     for shard in vfs.list_dir(&dir.join("data"))? {
         let sdir = dir.join("data").join(&shard);
         if vfs.list_dir(&sdir).is_err() {
             continue;
         }
         for name in vfs.list_dir(&sdir)? {
-            let id = name
-                .strip_suffix(".dat")
-                .and_then(|h| u64::from_str_radix(h, 16).ok());
-            if id.is_none_or(|id| !cat.streams.contains_key(&id)) {
-                vfs.remove_file(&sdir.join(&name))?;
+            // `<id>.dat`, or `<id>.idx` (a JSON stream's boundary index).
+            let (stem, index) = match (name.strip_suffix(".dat"), name.strip_suffix(".idx")) {
+                (Some(stem), _) => (stem, false),
+                (None, Some(stem)) => (stem, true),
+                (None, None) => (name.as_str(), false),
+            };
+            let id = u64::from_str_radix(stem, 16).ok();
+            let known = id.and_then(|id| cat.streams.get(&id));
+            match known {
+                Some(s) if index && s.json => {
+                    has_index.insert(s.id);
+                }
+                Some(_) if !index && name.ends_with(".dat") => {}
+                _ => vfs.remove_file(&sdir.join(&name))?,
             }
         }
         vfs.sync_dir(&sdir)?;
     }
+    let marks = recover_marks(dir, vfs, &cat, &has_index)?;
     vfs.sync_dir(&dir.join("data"))?;
     let next = segs.last().copied().unwrap_or(0) + 1;
     let wal = new_segment(vfs, dir, next)?;
@@ -1725,7 +1813,91 @@ fn finish_recovery(
         }
     }
     vfs.sync_dir(&dir.join("wal"))?;
-    Ok((cat, wal))
+    Ok((cat, wal, marks))
+}
+
+/// The JSON streams' marks by stream id, and the bytes scanned to find
+/// those their index files lacked.
+type RecoveredMarks = (HashMap<u64, Vec<u64>>, u64);
+
+/// Loads the boundary index of every JSON stream (docs/storage.md,
+/// "Boundary index"), after the data files were repaired: keeps the valid
+/// prefix of each index file (cutting off the rest); where more than
+/// `marks::SPACING` bytes past the last mark lack one (bytes replayed from
+/// the WAL, an index lost, or data written before indexes existed), scans
+/// the data file from that mark to the tail, appends the marks it finds to
+/// the file and syncs it.
+fn recover_marks(
+    dir: &Path,
+    vfs: &dyn Vfs,
+    cat: &Catalog,
+    has_index: &HashSet<u64>,
+) -> io::Result<RecoveredMarks> {
+    let mut out = HashMap::new();
+    let mut new_files = HashSet::new();
+    let mut scanned: u64 = 0;
+    let mut buf = Vec::new();
+    for s in cat.streams.values().filter(|s| s.json) {
+        let index_path = marks::path(dir, s.id);
+        let mut file = None;
+        let (mut found, valid_len, mut changed) = if has_index.contains(&s.id) {
+            let f = vfs.open(&index_path, false)?;
+            let bytes = read_all(f.as_ref())?;
+            let (found, valid_len) = marks::decode(s.id, &bytes, s.base, s.tail);
+            let cut = valid_len < bytes.len();
+            if cut {
+                f.set_len(valid_len as u64)?;
+            }
+            file = Some(f);
+            (found, valid_len, cut)
+        } else {
+            (Vec::new(), 0, false)
+        };
+        let known = found.len();
+        let from = found.last().copied().unwrap_or(s.base);
+        if s.tail - from > marks::SPACING {
+            // `from` is a boundary (a mark, or the stream's own start).
+            let data = vfs.open(&FileCache::path(dir, s.id), false)?;
+            let mut sc = BoundaryScanner::default();
+            buf.resize(1 << 20, 0);
+            let mut at = from;
+            while at < s.tail {
+                let n = ((s.tail - at) as usize).min(buf.len());
+                read_exact_at(data.as_ref(), &mut buf[..n], at - s.base)?;
+                marks::scan(&mut found, &mut sc, &buf[..n], at);
+                at += n as u64;
+            }
+            scanned += s.tail - from;
+        }
+        if found.len() > known {
+            let f = match file.take() {
+                Some(f) => f,
+                None => {
+                    new_files.insert(s.id % 256);
+                    vfs.open(&index_path, true)?
+                }
+            };
+            f.write_all_at(&marks::encode(s.id, &found[known..]), valid_len as u64)?;
+            file = Some(f);
+            changed = true;
+        }
+        if let (true, Some(f)) = (changed, &file) {
+            f.sync_data()?;
+        }
+        if !found.is_empty() {
+            out.insert(s.id, found);
+        }
+    }
+    for shard in new_files {
+        vfs.sync_dir(&dir.join("data").join(format!("{shard:02x}")))?;
+    }
+    if scanned > 0 {
+        tracing::info!(
+            bytes = scanned,
+            "scanned JSON data for message boundaries its index lacked"
+        );
+    }
+    Ok((out, scanned))
 }
 
 fn same_config(s: &FStream, st: &PState, req: &CreateRequest) -> bool {
@@ -1757,6 +1929,9 @@ impl FileEngine {
             Some(o) => o.0,
             None => tail,
         };
+        if src.json && !inner.json_is_boundary(src, anchor, tail)? {
+            return Err(StorageError::OffsetNotAligned);
+        }
         if spec.sub_offset == 0 {
             return Ok(anchor);
         }
@@ -1870,10 +2045,11 @@ impl Engine for FileEngine {
                 json_marks: {
                     let mut marks = Vec::new();
                     if json {
-                        push_json_marks(&mut marks, base, &data);
+                        marks::push_records(&mut marks, base, &data);
                     }
                     marks
                 },
+                marks_persisted: 0,
             }),
             mem: Mutex::new(MemTail {
                 start: base,
@@ -1986,7 +2162,7 @@ impl Engine for FileEngine {
                     st.tail += len;
                     st.last_access_ms = now;
                     if s.json {
-                        push_json_marks(&mut st.json_marks, start, &data);
+                        marks::push_records(&mut st.json_marks, start, &data);
                     }
                     let record = Record::Append(AppendRec {
                         id: s.id,

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod codec;
 mod engine;
+mod marks;
 pub mod sim;
 pub mod vfs;
 
