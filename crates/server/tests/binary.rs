@@ -787,3 +787,112 @@ async fn recreating_an_expired_stream_does_not_wedge_the_server() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// A JSON stream read or forked from an offset inside a message gets 400 and
+/// changes nothing, while every message start is served, on the memory
+/// engine and the file engine, and on the file engine again after a SIGKILL
+/// restart (its boundary index comes back from disk and a rescan).
+#[tokio::test]
+async fn json_offsets_inside_a_message_get_400() {
+    let dir = std::env::temp_dir().join(format!(
+        "ds-json-offsets-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let data_dir = dir.to_str().unwrap().to_owned();
+    // Messages of varied sizes (some over the index's 16 KiB spacing), sent
+    // compact so that each is stored as its own text followed by a comma.
+    let msgs: Vec<String> = (0..60)
+        .map(|i| match i % 4 {
+            0 => format!(r#"{{"i":{i},"s":"a,b]}},\"c"}}"#),
+            1 => format!(r#"{{"i":{i},"big":"{}"}}"#, "x".repeat(9_000 * (i % 3 + 1))),
+            2 => format!("[{i},[1,2],{{\"x\":[3]}}]"),
+            _ => format!(r#""str,{i}""#),
+        })
+        .collect();
+    let mut starts = vec![0u64];
+    for m in &msgs {
+        starts.push(starts.last().unwrap() + m.len() as u64 + 1);
+    }
+    let offset = |o: u64| format!("{:016}_{:016}", 0, o);
+    let c = client();
+    let check = |srv: &ServerProc, when: &str| {
+        let (c, url, msgs, starts, when) = (
+            c.clone(),
+            srv.url("/v1/stream/j"),
+            &msgs,
+            &starts,
+            when.to_owned(),
+        );
+        let fork_url = srv.url("/v1/stream/fork");
+        async move {
+            for (i, w) in starts.windows(2).enumerate() {
+                let r = c
+                    .get(format!("{url}?offset={}", offset(w[0])))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "{when}: read from message {i}");
+                let got: Vec<serde_json::Value> =
+                    serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+                let want: serde_json::Value = serde_json::from_str(&msgs[i]).unwrap();
+                assert_eq!(got[0], want, "{when}: read from message {i}");
+                for at in [w[0] + 1, (w[0] + w[1]) / 2, w[1] - 1] {
+                    let r = c
+                        .get(format!("{url}?offset={}", offset(at)))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 400, "{when}: read from {at}, in message {i}");
+                }
+                let r = c
+                    .put(&fork_url)
+                    .header("content-type", "application/json")
+                    .header("stream-forked-from", "/v1/stream/j")
+                    .header("stream-fork-offset", offset(w[0] + 1))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 400, "{when}: fork inside message {i}");
+            }
+            let r = c.head(&fork_url).send().await.unwrap();
+            assert_eq!(r.status(), 404, "{when}: a refused fork was created");
+            let r = c.head(&url).send().await.unwrap();
+            assert_eq!(
+                header(&r, "stream-next-offset"),
+                Some(offset(*starts.last().unwrap()).as_str()),
+                "{when}: the stream changed"
+            );
+        }
+    };
+    for engine in ["memory", "file"] {
+        let args: &[&str] = if engine == "file" {
+            &["--data-dir", &data_dir]
+        } else {
+            &[]
+        };
+        let srv = ServerProc::start(args);
+        let url = srv.url("/v1/stream/j");
+        create(&c, &url, "application/json", Vec::new()).await;
+        for batch in msgs.chunks(7) {
+            let r = c
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(format!("[{}]", batch.join(",")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 204, "{engine}: append");
+        }
+        check(&srv, engine).await;
+        if engine == "file" {
+            drop(srv); // SIGKILL
+            let srv = ServerProc::start(args);
+            check(&srv, "file, after SIGKILL").await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
