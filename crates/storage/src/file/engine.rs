@@ -220,6 +220,29 @@ struct PState {
     /// How many of `json_marks` are in the stream's index file (only the
     /// committer changes it, at checkpoints).
     marks_persisted: usize,
+    /// JSON streams: where the last few reads ended.
+    recent_cuts: RecentCuts,
+}
+
+/// The last few offsets at which reads of a JSON stream ended (a cut, or
+/// the tail then): the boundaries their readers' next reads start from, so
+/// checking those needs no scan. Without them a replay in 1 MiB responses
+/// scanned up to 16 KiB again per response, and every live reader up to
+/// 16 KiB per delivery (its offset is the tail before the append). Zeros
+/// are offset 0, a boundary too.
+#[derive(Debug, Default)]
+struct RecentCuts {
+    at: [u64; 8],
+    next: usize,
+}
+
+impl RecentCuts {
+    fn push(&mut self, cut: u64) {
+        if !self.at.contains(&cut) {
+            self.at[self.next] = cut;
+            self.next = (self.next + 1) % self.at.len();
+        }
+    }
 }
 
 /// Streams flushed per committer cycle because their time was up: when
@@ -250,6 +273,22 @@ impl FStream {
         let st = self.state.lock();
         let i = st.json_marks.partition_point(|m| *m <= end);
         i.checked_sub(1).map(|i| st.json_marks[i])
+    }
+
+    /// Where a scan checking that `at` is a JSON boundary can start: `at`
+    /// itself when a read was cut there recently, else the last mark at or
+    /// before it.
+    fn json_scan_start(&self, at: u64) -> Option<u64> {
+        let st = self.state.lock();
+        if st.recent_cuts.at.contains(&at) {
+            return Some(at);
+        }
+        let i = st.json_marks.partition_point(|m| *m <= at);
+        i.checked_sub(1).map(|i| st.json_marks[i])
+    }
+
+    fn remember_cut(&self, cut: u64) {
+        self.state.lock().recent_cuts.push(cut);
     }
 
     fn publish(&self, st: &PState) {
@@ -629,6 +668,7 @@ impl Inner {
                 durable_closed: s.closed,
                 json_marks: marks.remove(&s.id).unwrap_or_default(),
                 marks_persisted: 0,
+                recent_cuts: RecentCuts::default(),
             };
             st.marks_persisted = st.json_marks.len();
             let (signal, _) = watch::channel(Signal {
@@ -844,7 +884,7 @@ impl Inner {
                 .ok_or_else(|| StorageError::Io("fork without source".into()))?;
             return self.json_is_boundary(src, at, s.base);
         }
-        let mut from = s.json_mark_at_or_before(at).unwrap_or(s.base).max(s.base);
+        let mut from = s.json_scan_start(at).unwrap_or(s.base).max(s.base);
         let mut sc = BoundaryScanner::default();
         let mut last = from;
         while from < at {
@@ -2050,6 +2090,7 @@ impl Engine for FileEngine {
                     marks
                 },
                 marks_persisted: 0,
+                recent_cuts: RecentCuts::default(),
             }),
             mem: Mutex::new(MemTail {
                 start: base,
@@ -2304,6 +2345,9 @@ impl Engine for FileEngine {
         if next != tail {
             meta.closed = meta.closed && next == tail;
         }
+        if s.json && next > start {
+            s.remember_cut(next);
+        }
         Ok(ReadChunk {
             meta,
             start: Offset(start),
@@ -2344,6 +2388,9 @@ impl Engine for FileEngine {
                     return Ok(FileRead { chunk, file: None });
                 }
             }
+        }
+        if s.json && next > start {
+            s.remember_cut(next);
         }
         if next > s.mem.lock().start {
             // The end of the range is still held in memory (write-behind):
