@@ -356,8 +356,9 @@ type Damage<'a> = (&'a str, u64, &'a dyn Fn(&SimVfs));
 
 /// A large JSON stream's boundary index is written to disk, read back
 /// after a restart, and repaired when damaged or missing (a torn tail, a
-/// flipped bit, a data directory from before indexes existed): the file
-/// comes back byte for byte, and boundaries are checked right each time.
+/// flipped bit, megabytes of garbage after it, a data directory from before
+/// indexes existed): the file comes back byte for byte, and boundaries are
+/// checked right each time.
 #[test]
 fn file_engine_boundary_index_survives_restart_and_damage() {
     let rt = runtime();
@@ -381,7 +382,7 @@ fn file_engine_boundary_index_survives_restart_and_damage() {
     // with the index intact (less than one spacing after its last entry),
     // from the damaged entry on, or everything without an index.
     let spacing = 16 * 1024;
-    let damages: [Damage; 4] = [
+    let damages: [Damage; 5] = [
         ("none", 0, &|_| {}),
         ("torn tail", 2 * spacing + 30_000, &|v| {
             let f = v.open(&path, false).unwrap();
@@ -392,6 +393,11 @@ fn file_engine_boundary_index_survives_restart_and_damage() {
             let at = (original.len() / 24 * 12 + 3) as u64;
             f.write_all_at(&[original[at as usize] ^ 0x40], at).unwrap();
             f.write_all_at(&[0xAB; 7], original.len() as u64).unwrap();
+        }),
+        ("long garbage", 0, &|v| {
+            let f = v.open(&path, false).unwrap();
+            f.write_all_at(&[0xFF; 4096], original.len() as u64 + (8 << 20))
+                .unwrap();
         }),
         ("missing", tail, &|v| v.remove_file(&path).unwrap()),
     ];

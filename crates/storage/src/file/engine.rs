@@ -1882,9 +1882,15 @@ fn recover_marks(
         let mut file = None;
         let (mut found, valid_len, mut changed) = if has_index.contains(&s.id) {
             let f = vfs.open(&index_path, false)?;
-            let bytes = read_all(f.as_ref())?;
+            // Marks are at least `SPACING` apart: a longer file holds
+            // garbage past that, which is not read (a damaged length must
+            // not make start-up read gigabytes).
+            let file_len = f.len()?;
+            let most = ((s.tail - s.base) / marks::SPACING + 1) * marks::ENTRY_BYTES as u64;
+            let mut bytes = vec![0u8; file_len.min(most) as usize];
+            read_exact_at(f.as_ref(), &mut bytes, 0)?;
             let (found, valid_len) = marks::decode(s.id, &bytes, s.base, s.tail);
-            let cut = valid_len < bytes.len();
+            let cut = (valid_len as u64) < file_len;
             if cut {
                 f.set_len(valid_len as u64)?;
             }
