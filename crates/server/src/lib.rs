@@ -3,7 +3,7 @@
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! let server = durable_streams_server::Server::builder().port(0).build();
-//! let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+//! let listener = durable_streams_server::bind("127.0.0.1:0").await?;
 //! server.run(listener, std::future::pending()).await
 //! # }
 //! ```
@@ -354,6 +354,43 @@ const SHED_DEADLINE: Duration = Duration::from_secs(3);
 /// server CPU per MB 0.103 against 0.123 ms. It also keeps a slow SSE or
 /// long-poll reader from holding megabytes of kernel memory.
 const TCP_NOTSENT_LOWAT_BYTES: u32 = 64 * 1024;
+
+/// Connections the kernel queues for `accept` on a listener made by
+/// [`bind`] (capped by the kernel at `net.core.somaxconn`). A burst of
+/// clients connecting at once (a fleet of live readers reconnecting after
+/// a restart) must fit: past the queue the kernel drops their SYNs, and
+/// each such client waits a second for its retransmission. With the 128
+/// that `TcpListener::bind` asks for, 200 long-poll subscribers connecting
+/// together overflowed it (about 27 dropped SYNs per run), which showed as
+/// deliveries ~500 ms late in the fan-out benchmark.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener on `addr` (`host:port`; the first of its addresses
+/// that binds) with an accept queue of [`LISTEN_BACKLOG`]; pass it to
+/// [`Server::run`].
+pub async fn bind(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restart can bind while old
+        // connections linger in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
 
 /// Socket options for every accepted connection; best effort (a failure
 /// costs speed, not correctness).
@@ -734,6 +771,47 @@ async fn sweep(state: Arc<AppState>) {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    /// A listener from `bind` queues `LISTEN_BACKLOG` connections, not 128:
+    /// 300 clients connecting at once to a server that has not accepted
+    /// yet all complete their handshake (the kernel's accept-queue length,
+    /// `rx_queue` of the listening socket in /proc/net/tcp, reaches 300).
+    #[tokio::test]
+    async fn listener_queues_a_burst_of_connections() {
+        let listener = super::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut clients = Vec::new();
+        for _ in 0..300 {
+            let s =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            // On loopback the handshake completes within the call, unless
+            // the accept queue is full (the SYN is dropped).
+            let _ = s.connect(&addr.into());
+            clients.push(s);
+        }
+        let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let queued = tcp
+            .lines()
+            .skip(1)
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let local_port = u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()?;
+                // State 0A is LISTEN; `tx_queue:rx_queue`, in hex.
+                (local_port == port && f[3] == "0A")
+                    .then(|| u32::from_str_radix(f[4].split(':').nth(1)?, 16).ok())?
+            })
+            .expect("listening socket in /proc/net/tcp");
+        // The kernel caps the queue at `net.core.somaxconn` (4096 by
+        // default); it holds one more than its length.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(4096);
+        assert_eq!(queued, 300.min(cap + 1), "connections in the accept queue");
+        drop(listener);
+    }
+
     /// Accepted connections get `TCP_NODELAY` and the unsent-bytes bound.
     #[tokio::test]
     async fn accepted_sockets_are_tuned() {

@@ -289,7 +289,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let plain = settings.server.plain_listen.iter().map(|a| (a, None));
     let main = settings.server.listen.iter().map(|a| (a, tls.clone()));
     for (addr, tls) in main.chain(plain) {
-        let tcp = tokio::net::TcpListener::bind(addr.as_str())
+        let tcp = durable_streams_server::bind(addr.as_str())
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         listeners.push(match tls {
