@@ -41,29 +41,29 @@ async fn fill(e: &dyn Engine, msgs: &[String]) {
     .await
     .unwrap();
     for batch in msgs.chunks(5) {
-        let body = format!("[{}]", batch.join(","));
-        let ranges = split_messages(body.as_bytes(), false).unwrap();
-        let (stored, lens) = frame_messages(body.as_bytes(), &ranges);
-        let stored = Bytes::from(stored);
-        let mut at = 0;
-        let records = lens
-            .iter()
-            .map(|l| {
-                let r = stored.slice(at..at + l);
-                at += l;
-                r
-            })
-            .collect();
-        e.append(
-            "j",
-            AppendRequest {
-                content_type: Some("application/json".into()),
-                records,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        e.append("j", json_append(batch)).await.unwrap();
+    }
+}
+
+/// An append of `batch` sent as one JSON array: its messages as the stored
+/// records the server would make of it.
+fn json_append(batch: &[String]) -> AppendRequest {
+    let body = format!("[{}]", batch.join(","));
+    let ranges = split_messages(body.as_bytes(), false).unwrap();
+    let (stored, lens) = frame_messages(body.as_bytes(), &ranges);
+    let stored = Bytes::from(stored);
+    let mut at = 0;
+    let records = lens
+        .iter()
+        .map(|l| {
+            at += l;
+            stored.slice(at - l..at)
+        })
+        .collect();
+    AppendRequest {
+        content_type: Some("application/json".into()),
+        records,
+        ..Default::default()
     }
 }
 
@@ -456,28 +456,7 @@ fn power_cut_with_boundary_indexes() {
         rt.block_on(async {
             let mut acked = 0;
             for batch in msgs.chunks(3) {
-                let body = format!("[{}]", batch.join(","));
-                let ranges = split_messages(body.as_bytes(), false).unwrap();
-                let (stored, lens) = frame_messages(body.as_bytes(), &ranges);
-                let stored = Bytes::from(stored);
-                let mut at = 0;
-                let records = lens
-                    .iter()
-                    .map(|l| {
-                        at += l;
-                        stored.slice(at - l..at)
-                    })
-                    .collect();
-                let r = e
-                    .append(
-                        "j",
-                        AppendRequest {
-                            content_type: Some("application/json".into()),
-                            records,
-                            ..Default::default()
-                        },
-                    )
-                    .await;
+                let r = e.append("j", json_append(batch)).await;
                 if r.is_err() {
                     break;
                 }
