@@ -220,13 +220,13 @@ struct PState {
     /// How many of `json_marks` are in the stream's index file (only the
     /// committer changes it, at checkpoints).
     marks_persisted: usize,
-    /// JSON streams: where the last few reads ended.
+    /// JSON streams: where the last few reads ended, and offsets checked.
     recent_cuts: RecentCuts,
 }
 
 /// The last few offsets at which reads of a JSON stream ended (a cut, or
-/// the tail then): the boundaries their readers' next reads start from, so
-/// checking those needs no scan. Without them a replay in 1 MiB responses
+/// the tail then) or that a check found to be boundaries: the offsets
+/// their readers' next reads start from, so checking those needs no scan. Without them a replay in 1 MiB responses
 /// scanned up to 16 KiB again per response, and every live reader up to
 /// 16 KiB per delivery (its offset is the tail before the append). Zeros
 /// are offset 0, a boundary too.
@@ -255,6 +255,14 @@ const MAX_TIMED_FLUSHES: usize = 256;
 /// blocking pool.
 const INLINE_READ_BYTES: u64 = 64 * 1024;
 
+impl PState {
+    /// The last sparse-index mark at or before `at`.
+    fn mark_at_or_before(&self, at: u64) -> Option<u64> {
+        let i = self.json_marks.partition_point(|m| *m <= at);
+        i.checked_sub(1).map(|i| self.json_marks[i])
+    }
+}
+
 impl FStream {
     fn meta(&self, st: &PState) -> StreamMeta {
         StreamMeta {
@@ -270,21 +278,18 @@ impl FStream {
     /// The last sparse-index JSON boundary at or before `end`: where a
     /// boundary scan up to `end` can start.
     fn json_mark_at_or_before(&self, end: u64) -> Option<u64> {
-        let st = self.state.lock();
-        let i = st.json_marks.partition_point(|m| *m <= end);
-        i.checked_sub(1).map(|i| st.json_marks[i])
+        self.state.lock().mark_at_or_before(end)
     }
 
     /// Where a scan checking that `at` is a JSON boundary can start: `at`
-    /// itself when a read was cut there recently, else the last mark at or
+    /// itself when it is a recent read end, else the last mark at or
     /// before it.
     fn json_scan_start(&self, at: u64) -> Option<u64> {
         let st = self.state.lock();
         if st.recent_cuts.at.contains(&at) {
             return Some(at);
         }
-        let i = st.json_marks.partition_point(|m| *m <= at);
-        i.checked_sub(1).map(|i| st.json_marks[i])
+        st.mark_at_or_before(at)
     }
 
     fn remember_cut(&self, cut: u64) {
@@ -894,6 +899,11 @@ impl Inner {
             last = last_boundary(&mut sc, &parts, from, from).unwrap_or(last);
             from = end;
         }
+        if last == at {
+            // A read that falls back from `read_file` to `read`, or the next
+            // reader from here, checks it again without a scan.
+            s.remember_cut(at);
+        }
         Ok(last == at)
     }
 
@@ -1398,8 +1408,8 @@ impl Committer {
         for d in &data {
             m.buf.extend_from_slice(d);
         }
-        if s.json && !self.json_written.contains_key(&s.id) {
-            self.json_written.insert(s.id, s.clone());
+        if s.json {
+            self.json_written.entry(s.id).or_insert_with(|| s.clone());
         }
         if m.buf.len() as u64 >= self.inner.opts.data_flush_stream_bytes {
             self.flush_now.push(s.id);
@@ -1823,20 +1833,22 @@ fn finish_recovery(
             continue;
         }
         for name in vfs.list_dir(&sdir)? {
-            // `<id>.dat`, or `<id>.idx` (a JSON stream's boundary index).
-            let (stem, index) = match (name.strip_suffix(".dat"), name.strip_suffix(".idx")) {
-                (Some(stem), _) => (stem, false),
-                (None, Some(stem)) => (stem, true),
-                (None, None) => (name.as_str(), false),
-            };
-            let id = u64::from_str_radix(stem, 16).ok();
-            let known = id.and_then(|id| cat.streams.get(&id));
-            match known {
-                Some(s) if index && s.json => {
-                    has_index.insert(s.id);
+            // `<id>.dat`, or `<id>.idx` (a JSON stream's boundary index):
+            // `(id, is_index)` when the catalog has a use for the file.
+            let kept = name
+                .strip_suffix(".dat")
+                .map(|stem| (stem, false))
+                .or_else(|| name.strip_suffix(".idx").map(|stem| (stem, true)))
+                .and_then(|(stem, index)| {
+                    let s = cat.streams.get(&u64::from_str_radix(stem, 16).ok()?)?;
+                    (!index || s.json).then_some((s.id, index))
+                });
+            match kept {
+                Some((id, true)) => {
+                    has_index.insert(id);
                 }
-                Some(_) if !index && name.ends_with(".dat") => {}
-                _ => vfs.remove_file(&sdir.join(&name))?,
+                Some((_, false)) => {}
+                None => vfs.remove_file(&sdir.join(&name))?,
             }
         }
         vfs.sync_dir(&sdir)?;
