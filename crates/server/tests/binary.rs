@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod support;
-use support::{ServerProc, BIN};
+use support::{temp_dir, ServerProc, TempDir, BIN};
 
 // ---------------------------------------------------------------------------
 // Harness
@@ -794,15 +794,8 @@ async fn recreating_an_expired_stream_does_not_wedge_the_server() {
 /// restart (its boundary index comes back from disk and a rescan).
 #[tokio::test]
 async fn json_offsets_inside_a_message_get_400() {
-    let dir = std::env::temp_dir().join(format!(
-        "ds-json-offsets-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let data_dir = dir.to_str().unwrap().to_owned();
+    let dir = TempDir(temp_dir("json-offsets"));
+    let data_dir = dir.0.to_str().unwrap().to_owned();
     // Messages of varied sizes (some over the index's 16 KiB spacing), sent
     // compact so that each is stored as its own text followed by a comma.
     let msgs: Vec<String> = (0..60)
@@ -894,5 +887,4 @@ async fn json_offsets_inside_a_message_get_400() {
             check(&srv, "file, after SIGKILL").await;
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

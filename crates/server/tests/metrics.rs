@@ -9,33 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod support;
-use support::ServerProc;
+use support::{temp_dir, ServerProc, TempDir};
 
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// A directory removed (with its contents) on drop.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "ds-metrics-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -201,7 +179,7 @@ async fn scrape_until(
 /// every counter, gauge and histogram moved by exactly what was done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_every_operation() {
-    let dir = TempDir(temp_dir("ops"));
+    let dir = TempDir(temp_dir("metrics-ops"));
     let p = ServerProc::start(&["--data-dir", dir.0.to_str().unwrap()]);
     let c = client();
     let url = p.url("/v1/stream/a");
@@ -380,7 +358,7 @@ async fn metrics_count_every_operation() {
 /// covered by a WAL sync (syncs > 0 and never more records than syncs allow).
 #[tokio::test]
 async fn metrics_count_appends_and_syncs() {
-    let dir = temp_dir("lib");
+    let dir = temp_dir("metrics-lib");
     let engine = durable_streams_storage::FileEngine::open(&dir, Default::default()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
